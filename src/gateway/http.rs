@@ -1,0 +1,131 @@
+//! The HTTP side of the gateway: GET and HEAD of the two documents, conditional requests, health.
+//! Built on hyper directly: every answer is prepared bytes, so there is nothing for a framework to do.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use super::documents::Document;
+use super::refresh::GatewayState;
+use crate::shutdown::Shutdown;
+
+type Body = Full<Bytes>;
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from_static(text.as_bytes())))
+        .expect("static response")
+}
+
+fn etag_matches(if_none_match: &HeaderValue, etag: &str) -> bool {
+    if_none_match.to_str().is_ok_and(|v| {
+        v.split(',').map(str::trim).any(|t| {
+            t == "*" || t == etag || t.strip_prefix("W/") == Some(etag)
+        })
+    })
+}
+
+fn document(req: &Request<Incoming>, doc: &Document, cache_control: &str) -> Response<Body> {
+    let not_modified = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| etag_matches(v, &doc.etag));
+    let builder = Response::builder()
+        .header(header::CACHE_CONTROL, cache_control)
+        .header(header::ETAG, &doc.etag);
+    if not_modified {
+        return builder
+            .status(StatusCode::NOT_MODIFIED)
+            .body(Full::new(Bytes::new()))
+            .expect("valid response");
+    }
+    // HEAD gets the same headers; hyper sends no body for it.
+    builder
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, doc.content_type)
+        .body(Full::new(doc.body.clone()))
+        .expect("valid response")
+}
+
+/// Answers one request from the current state.
+pub fn respond(state: &GatewayState, req: &Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path();
+    let docs = state.documents();
+    let known = matches!(path, "/healthz" | "/readyz")
+        || docs.as_ref().is_some_and(|d| d.at(path).is_some());
+    if known && req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: use GET or HEAD\n");
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    match path {
+        "/healthz" => return plain(StatusCode::OK, "ok\n"),
+        "/readyz" if state.is_ready() => return plain(StatusCode::OK, "ready\n"),
+        "/readyz" => {
+            return plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: the key set cannot be refreshed from the key service\n",
+            );
+        }
+        _ => {}
+    }
+    let Some(docs) = docs else {
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no current key set: the key service has not been reachable\n",
+        );
+    };
+    match docs.at(path) {
+        Some(doc) => document(req, doc, &docs.cache_control),
+        None => plain(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Accepts connections on `listener` until `shutdown`, then lets open requests finish.
+pub async fn serve(listener: TcpListener, state: Arc<GatewayState>, shutdown: Shutdown) {
+    let graceful = GracefulShutdown::new();
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = Arc::clone(&state);
+        let service = service_fn(move |req: Request<Incoming>| {
+            let response = respond(&state, &req);
+            async move { Ok::<_, Infallible>(response) }
+        });
+        let conn = auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+    }
+}

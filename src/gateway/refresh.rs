@@ -1,0 +1,163 @@
+//! Keeping the gateway's key set current: poll `GetJwks`, render, swap. While the key service cannot
+//! be reached, the last good set is served for `max_stale`, then nothing (503): never an empty set.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use tonic::transport::{Channel, Endpoint};
+
+use super::GatewayConfig;
+use super::documents::Documents;
+use crate::grpc::pb::{self, key_service_client::KeyServiceClient};
+use crate::jwk::Jwk;
+use crate::shutdown::Shutdown;
+
+/// The gateway could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    /// The key service URL is not usable.
+    #[error("--kms {url:?} is not a usable URL: {source}")]
+    BadUrl {
+        /// The URL given.
+        url: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+}
+
+/// What the HTTP side reads: the current documents and whether the last refresh worked.
+#[derive(Debug)]
+pub struct GatewayState {
+    /// The last good documents and when they were fetched. Swapped whole by the refresher.
+    current: RwLock<Option<(Arc<Documents>, Instant)>>,
+    refresh_ok: AtomicBool,
+    max_stale: Duration,
+}
+
+impl GatewayState {
+    /// Empty state: nothing to serve until the first refresh.
+    pub fn new(max_stale: Duration) -> Self {
+        GatewayState {
+            current: RwLock::new(None),
+            refresh_ok: AtomicBool::new(false),
+            max_stale,
+        }
+    }
+
+    /// The documents to serve, unless there are none or they are older than `max_stale`.
+    pub fn documents(&self) -> Option<Arc<Documents>> {
+        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        current
+            .as_ref()
+            .filter(|(_, at)| at.elapsed() <= self.max_stale)
+            .map(|(d, _)| Arc::clone(d))
+    }
+
+    /// Ready: the last refresh worked and there is a key set to serve.
+    pub fn is_ready(&self) -> bool {
+        self.refresh_ok.load(Ordering::Relaxed) && self.documents().is_some()
+    }
+
+    fn store(&self, docs: Documents) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) =
+            Some((Arc::new(docs), Instant::now()));
+        self.refresh_ok.store(true, Ordering::Relaxed);
+    }
+
+    fn mark_failed(&self) -> bool {
+        self.refresh_ok.swap(false, Ordering::Relaxed)
+    }
+}
+
+/// Polls the key service.
+#[derive(Debug)]
+pub struct Refresher {
+    client: KeyServiceClient<Channel>,
+    url: String,
+    interval: Duration,
+    state: Arc<GatewayState>,
+}
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+const RETRY: Duration = Duration::from_secs(1);
+
+fn jwk(k: pb::Jwk) -> Jwk {
+    let opt = |s: String| (!s.is_empty()).then_some(s);
+    Jwk {
+        kty: k.kty,
+        use_: k.r#use,
+        kid: k.kid,
+        alg: k.alg,
+        n: opt(k.n),
+        e: opt(k.e),
+        crv: opt(k.crv),
+        x: opt(k.x),
+        y: opt(k.y),
+    }
+}
+
+impl Refresher {
+    /// A refresher for `config.kms_url`; connects lazily, so the key service may start later.
+    pub fn new(config: &GatewayConfig, state: Arc<GatewayState>) -> Result<Self, RefreshError> {
+        let bad = |source| RefreshError::BadUrl {
+            url: config.kms_url.clone(),
+            source,
+        };
+        let endpoint = Endpoint::from_shared(config.kms_url.clone())
+            .map_err(bad)?
+            .connect_timeout(CALL_TIMEOUT)
+            .timeout(CALL_TIMEOUT);
+        Ok(Refresher {
+            client: KeyServiceClient::new(endpoint.connect_lazy()),
+            url: config.kms_url.clone(),
+            interval: config.refresh_interval,
+            state,
+        })
+    }
+
+    /// One refresh; returns how long the key service lets relying parties cache the set.
+    async fn refresh(&mut self) -> Result<Duration, String> {
+        let answer = self
+            .client
+            .get_jwks(pb::GetJwksRequest {})
+            .await
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+            .into_inner();
+        let hint = Duration::from_secs(answer.cache_max_age_seconds.max(1) as u64);
+        let keys = answer.keys.into_iter().map(jwk).collect();
+        let docs = Documents::render(&answer.issuer, keys, hint).map_err(|e| e.to_string())?;
+        self.state.store(docs);
+        Ok(hint)
+    }
+
+    /// Refreshes until shutdown: every `interval`, or sooner when the key service's cache hint is
+    /// shorter; every second while it cannot be reached.
+    pub async fn run(mut self, shutdown: Shutdown) {
+        let stop = shutdown.wait();
+        tokio::pin!(stop);
+        let mut failing = false;
+        loop {
+            let wait = match self.refresh().await {
+                Ok(hint) => {
+                    if failing {
+                        tracing::info!(kms = %self.url, "key service reachable again; key set refreshed");
+                    }
+                    failing = false;
+                    self.interval.min(hint)
+                }
+                Err(e) => {
+                    if self.state.mark_failed() || !failing {
+                        tracing::warn!(kms = %self.url, error = %e, "cannot refresh the key set; serving the last good one");
+                    }
+                    failing = true;
+                    RETRY
+                }
+            };
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}

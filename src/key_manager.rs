@@ -1,0 +1,484 @@
+//! The key manager: the heart of the service. It owns the key store and the keyring, signs tokens
+//! with the active key, rotates (on demand and on schedule), and answers what is published.
+//! The gRPC and HTTP layers are thin adapters over it.
+//!
+//! Concurrency:
+//! - `writer` (a std mutex) serializes everything that changes the keyring: rotations, scheduled
+//!   work, commits. Its critical sections are blocking work (key generation, fsync) and always run
+//!   on the blocking pool, never across an `.await`.
+//! - `keys` (a std RwLock around an immutable `Arc<KeySet>`) is what signers read. A signer holds the
+//!   read lock while it reads the clock and signs; an immediate rotation takes the write lock while
+//!   it reads the clock, commits and swaps the snapshot. So every token the old key signs is issued
+//!   before the old key's `signs_until`, and therefore expires before the key leaves the JWKS.
+//! - `changes` (a watch channel) tells subscribers (the scheduler, the Kubernetes signer) that the
+//!   key set changed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockWriteGuard};
+use std::time::Duration;
+
+use ring::rand::SystemRandom;
+use tokio::sync::watch;
+
+use crate::clock::{Clock, Timestamp};
+use crate::error::Error;
+use crate::issuer::Issuer;
+use crate::jwk::Jwk;
+use crate::keys::{KeySpec, KeyStore, Signer};
+use crate::lifecycle::{KeyRecord, KeyState, Keyring, LifecycleError, Policy, RotationPlan};
+use crate::token::{self, Claims, TokenRequest};
+
+/// What the key manager is configured with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The issuer written into every token.
+    pub issuer: Issuer,
+    /// Rotation and lifetime rules.
+    pub policy: Policy,
+    /// The type of newly made keys.
+    pub new_key_spec: KeySpec,
+}
+
+/// A signed token.
+#[derive(Debug, Clone)]
+pub struct SignedToken {
+    /// Compact JWS.
+    pub token: String,
+    /// The signing key's id.
+    pub kid: String,
+    /// `exp`, unix seconds.
+    pub expires_at: i64,
+    /// `jti`.
+    pub jti: String,
+}
+
+/// Why a rotation happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotationReason {
+    /// An admin asked.
+    Manual,
+    /// The rotation period came round.
+    Scheduled,
+}
+
+/// The result of a rotation.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    /// The key that signs now.
+    pub active_kid: String,
+    /// The key the rotation made or promoted.
+    pub new_kid: String,
+    /// Every key with its state.
+    pub keys: Vec<(KeyRecord, KeyState)>,
+}
+
+/// The public key set as relying parties should see it now.
+#[derive(Debug, Clone)]
+pub struct PublishedKeys {
+    /// The issuer, verbatim.
+    pub issuer: String,
+    /// The JWKs, oldest key first.
+    pub keys: Vec<Jwk>,
+    /// How long a relying party may cache this set.
+    pub cache_max_age: Duration,
+}
+
+/// A live key: the signer and what we precompute for it.
+#[derive(Debug)]
+pub struct LiveKey {
+    /// The private key, usable only to sign.
+    pub signer: Arc<dyn Signer>,
+    /// Its encoded JWS header.
+    pub header: String,
+    /// Its JWK.
+    pub jwk: Jwk,
+}
+
+/// An immutable snapshot of the keyring and its live keys.
+#[derive(Debug)]
+pub struct KeySet {
+    /// Lifecycle records.
+    pub keyring: Keyring,
+    keys: HashMap<String, Arc<LiveKey>>,
+    /// When this snapshot was made.
+    pub changed_at: Timestamp,
+}
+
+impl KeySet {
+    /// The active key at `now`.
+    pub fn active(&self, now: Timestamp) -> Option<(&KeyRecord, &Arc<LiveKey>)> {
+        let record = self.keyring.active(now)?;
+        Some((record, self.keys.get(&record.kid)?))
+    }
+
+    /// The published keys at `now`, oldest first.
+    pub fn published(&self, now: Timestamp) -> Vec<(&KeyRecord, &Arc<LiveKey>)> {
+        self.keyring
+            .published(now)
+            .filter_map(|r| Some((r, self.keys.get(&r.kid)?)))
+            .collect()
+    }
+}
+
+struct Writer {
+    store: Box<dyn KeyStore>,
+    keyring: Keyring,
+    live: HashMap<String, Arc<LiveKey>>,
+}
+
+struct Inner {
+    settings: Settings,
+    clock: Arc<dyn Clock>,
+    writer: Mutex<Writer>,
+    keys: RwLock<Arc<KeySet>>,
+    changes: watch::Sender<Timestamp>,
+    rng: SystemRandom,
+}
+
+/// The key manager; cheap to clone (all clones share one state).
+#[derive(Clone)]
+pub struct KeyManager {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for KeyManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyManager")
+            .field("issuer", &self.inner.settings.issuer.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+fn live_key(signer: Arc<dyn Signer>) -> Arc<LiveKey> {
+    let public = signer.public_key();
+    Arc::new(LiveKey {
+        header: token::encoded_header(public.spec().jws_algorithm(), public.kid()),
+        jwk: Jwk::from_public_key(public),
+        signer,
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl KeyManager {
+    /// Opens the store: loads its keys, or makes the first key of a new store; brings the keyring
+    /// up to date (retirements, a rotation missed while down). Blocking.
+    pub fn open(
+        mut store: Box<dyn KeyStore>,
+        clock: Arc<dyn Clock>,
+        settings: Settings,
+    ) -> Result<Self, Error> {
+        let now = clock.now();
+        let max = settings.policy.max_token_lifetime;
+        let (keyring, signers) = match store.load()? {
+            Some(loaded) => (loaded.keyring, loaded.signers),
+            None => {
+                let signer = store.generate(settings.new_key_spec)?;
+                let keyring =
+                    Keyring::new(signer.kid().to_owned(), settings.new_key_spec, clock.now());
+                store.commit(&keyring)?;
+                tracing::info!(kid = signer.kid(), spec = %settings.new_key_spec, "created a new key store with one active key");
+                (keyring, vec![signer])
+            }
+        };
+        let live: HashMap<_, _> = signers
+            .into_iter()
+            .map(|s| (s.kid().to_owned(), live_key(s)))
+            .collect();
+        let snapshot = Arc::new(KeySet {
+            keyring: keyring.clone(),
+            keys: live.clone(),
+            changed_at: now,
+        });
+        let manager = KeyManager {
+            inner: Arc::new(Inner {
+                settings,
+                clock,
+                writer: Mutex::new(Writer {
+                    store,
+                    keyring,
+                    live,
+                }),
+                keys: RwLock::new(snapshot),
+                changes: watch::Sender::new(now),
+                rng: SystemRandom::new(),
+            }),
+        };
+        {
+            let mut w = lock(&manager.inner.writer);
+            let mut ring = w.keyring.clone();
+            if ring.apply_max_lifetime(now, max) {
+                manager.commit(&mut w, ring, None, now, None)?;
+            }
+        }
+        manager.tick()?;
+        Ok(manager)
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    /// The clock's current time.
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    /// The current snapshot.
+    pub fn key_set(&self) -> Arc<KeySet> {
+        self.inner
+            .keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A receiver that changes whenever the key set does.
+    pub fn subscribe(&self) -> watch::Receiver<Timestamp> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Signs a token (blocking: run it on the blocking pool).
+    pub fn sign_token_blocking(&self, request: &TokenRequest) -> Result<SignedToken, Error> {
+        let settings = &self.inner.settings;
+        let lifetime = request.validate(settings.policy.max_token_lifetime)?;
+        let jti = token::new_jti(&self.inner.rng)?;
+        // Held while reading the clock and signing: see the module doc.
+        let guard = self.inner.keys.read().unwrap_or_else(PoisonError::into_inner);
+        let now = self.inner.clock.now();
+        let (record, key) = guard.active(now).ok_or(Error::NoActiveKey)?;
+        let (kid, retires_at, key) = (record.kid.clone(), record.retires_at, Arc::clone(key));
+        let iat = now.as_secs();
+        let exp = iat.saturating_add(i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX));
+        if retires_at.is_some_and(|r| Timestamp::from_secs(exp) > r)
+        {
+            return Err(LifecycleError::Inconsistent(
+                "the active key would leave the JWKS before this token expires",
+            )
+            .into());
+        }
+        let claims = Claims {
+            iss: settings.issuer.as_str(),
+            sub: &request.subject,
+            aud: &request.audiences,
+            iat,
+            nbf: iat,
+            exp,
+            jti: &jti,
+            extra: &request.extra_claims,
+        };
+        let mut token = token::signing_input(&key.header, &claims);
+        let signature = key.signer.sign(token.as_bytes())?;
+        drop(guard);
+        token.push('.');
+        token.push_str(&token::b64url(&signature));
+        Ok(SignedToken {
+            token,
+            kid,
+            expires_at: exp,
+            jti,
+        })
+    }
+
+    /// Signs a token on the blocking pool.
+    pub async fn sign_token(&self, request: TokenRequest) -> Result<SignedToken, Error> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.sign_token_blocking(&request))
+            .await
+            .map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Rotates: `prepublish` zero makes the new key sign at once (AKS); otherwise it is published
+    /// now and signs after `prepublish`. Blocking.
+    pub fn rotate_blocking(&self, prepublish: Duration) -> Result<Rotation, Error> {
+        let mut w = lock(&self.inner.writer);
+        let plan = w.keyring.plan_rotation(self.now(), prepublish)?;
+        let new_kid = self.rotate_locked(&mut w, plan, prepublish, RotationReason::Manual)?;
+        let now = self.now();
+        let keys = w
+            .keyring
+            .records()
+            .iter()
+            .map(|r| (r.clone(), r.state(now)))
+            .collect();
+        let active_kid = w
+            .keyring
+            .active(now)
+            .map(|r| r.kid.clone())
+            .ok_or(Error::NoActiveKey)?;
+        Ok(Rotation {
+            active_kid,
+            new_kid,
+            keys,
+        })
+    }
+
+    /// Rotates on the blocking pool.
+    pub async fn rotate(&self, prepublish: Duration) -> Result<Rotation, Error> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.rotate_blocking(prepublish))
+            .await
+            .map_err(|_| Error::ShuttingDown)?
+    }
+
+    fn rotate_locked(
+        &self,
+        w: &mut Writer,
+        plan: RotationPlan,
+        prepublish: Duration,
+        reason: RotationReason,
+    ) -> Result<String, Error> {
+        let max = self.inner.settings.policy.max_token_lifetime;
+        let (new_signer, new_kid) = match plan {
+            RotationPlan::NewKey { .. } => {
+                let spec = self.inner.settings.new_key_spec;
+                // Generation is slow (RSA); the clock is read after it, below.
+                let signer = w.store.generate(spec)?;
+                let kid = signer.kid().to_owned();
+                (Some(signer), kid)
+            }
+            RotationPlan::PromoteNext { kid } => (None, kid),
+        };
+        let immediate = prepublish.is_zero();
+        // An immediate rotation ends the old key's signing now: keep signers out while the clock
+        // is read and the change is committed (see the module doc).
+        let sign_lock = immediate.then(|| {
+            self.inner
+                .keys
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+        });
+        let now = self.now();
+        let mut ring = w.keyring.clone();
+        match &new_signer {
+            Some(signer) => {
+                let spec = signer.public_key().spec();
+                ring.add_key(new_kid.clone(), spec, now, now.plus(prepublish), max);
+            }
+            None => {
+                ring.promote_next(now, max);
+            }
+        }
+        self.commit(w, ring, new_signer, now, sign_lock)?;
+        tracing::info!(kid = %new_kid, reason = ?reason, prepublish_s = prepublish.as_secs(), "rotated keys");
+        Ok(new_kid)
+    }
+
+    /// Prunes, commits and publishes `ring` as the new keyring. `held` is the snapshot's write
+    /// guard when the caller already keeps signers out.
+    fn commit(
+        &self,
+        w: &mut Writer,
+        mut ring: Keyring,
+        new_signer: Option<Arc<dyn Signer>>,
+        now: Timestamp,
+        held: Option<RwLockWriteGuard<'_, Arc<KeySet>>>,
+    ) -> Result<(), Error> {
+        for kid in ring.prune(now) {
+            tracing::info!(%kid, "retired key: left the JWKS, sealed record erased");
+        }
+        w.store.commit(&ring)?;
+        if let Some(signer) = new_signer {
+            w.live.insert(signer.kid().to_owned(), live_key(signer));
+        }
+        w.live.retain(|kid, _| ring.get(kid).is_some());
+        w.keyring = ring;
+        let snapshot = Arc::new(KeySet {
+            keyring: w.keyring.clone(),
+            keys: w.live.clone(),
+            changed_at: now,
+        });
+        let mut guard = held.unwrap_or_else(|| {
+            self.inner
+                .keys
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+        });
+        *guard = snapshot;
+        drop(guard);
+        self.inner.changes.send_replace(now);
+        Ok(())
+    }
+
+    /// Does what is due now (erase retired keys, start a scheduled rotation) and returns when to
+    /// call again. Blocking.
+    pub fn tick(&self) -> Result<Option<Timestamp>, Error> {
+        let policy = self.inner.settings.policy;
+        let mut w = lock(&self.inner.writer);
+        let now = self.now();
+        if w.keyring.rotation_due(now, &policy).is_some_and(|due| due <= now) {
+            let plan = w.keyring.plan_rotation(now, policy.prepublish)?;
+            self.rotate_locked(&mut w, plan, policy.prepublish, RotationReason::Scheduled)?;
+        } else if w
+            .keyring
+            .records()
+            .iter()
+            .any(|r| r.state(now) == KeyState::Retired)
+        {
+            let ring = w.keyring.clone();
+            self.commit(&mut w, ring, None, now, None)?;
+        }
+        Ok(w.keyring.next_event(self.now(), &policy))
+    }
+
+    /// Runs scheduled work until `shutdown` resolves: sleeps until the next event, wakes early
+    /// when a manual rotation changes the plan, retries after a failure.
+    pub async fn run_scheduler(self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut changes = self.subscribe();
+        loop {
+            let this = self.clone();
+            let next = tokio::task::spawn_blocking(move || this.tick()).await;
+            let wait = match next {
+                Ok(Ok(Some(at))) => self.now().until(at).max(Duration::from_millis(5)),
+                Ok(Ok(None)) => Duration::from_secs(3600),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "scheduled key work failed; retrying in 10 s");
+                    Duration::from_secs(10)
+                }
+                Err(_) => return,
+            };
+            changes.mark_unchanged();
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(wait.min(Duration::from_secs(3600))) => {}
+                _ = changes.changed() => {}
+            }
+        }
+    }
+
+    /// The published keys now.
+    pub fn published(&self) -> PublishedKeys {
+        let set = self.key_set();
+        let now = self.now();
+        let policy = &self.inner.settings.policy;
+        PublishedKeys {
+            issuer: self.inner.settings.issuer.as_str().to_owned(),
+            keys: set
+                .published(now)
+                .into_iter()
+                .map(|(_, k)| k.jwk.clone())
+                .collect(),
+            cache_max_age: policy
+                .prepublish
+                .min(Duration::from_secs(300))
+                .max(Duration::from_secs(1)),
+        }
+    }
+
+    /// Every key with its state now.
+    pub fn list_keys(&self) -> (Vec<(KeyRecord, KeyState)>, Option<String>) {
+        let set = self.key_set();
+        let now = self.now();
+        let keys = set
+            .keyring
+            .records()
+            .iter()
+            .map(|r| (r.clone(), r.state(now)))
+            .collect();
+        (keys, set.keyring.active(now).map(|r| r.kid.clone()))
+    }
+}

@@ -1,0 +1,30 @@
+//! oidc-kms: a sealed key service for OpenID Connect issuers.
+//!
+//! API servers ask it to sign service-account tokens; relying parties fetch the issuer's discovery
+//! document and JWKS from its HTTP gateway. A tour of the modules, core first:
+//!
+//! - [`keys`]: key material. [`keys::KeySpec`] says what a key is, [`keys::Signer`] is the only
+//!   thing a private key can do, [`keys::Kek`] and [`keys::seal`] seal keys at rest, and
+//!   [`keys::KeyStore`] is the backend interface ([`keys::FileStore`] today).
+//! - [`lifecycle`]: pure rotation rules over a [`lifecycle::Keyring`]; every method takes `now`.
+//! - [`token`], [`jwk`], [`issuer`]: claims and the JWS layout, JWK encoding, the issuer URL.
+//! - [`key_manager`]: ties store, lifecycle and clock together; what the adapters call.
+//! - [`grpc`]: the tonic `KeyService` adapter, health and reflection, error-to-status mapping.
+//! - [`gateway`]: the HTTP adapter serving discovery and JWKS from `GetJwks`.
+//! - [`clock`], [`duration`], [`error`]: injected time, human durations, the error type.
+#![forbid(unsafe_code)]
+
+pub mod clock;
+pub mod duration;
+pub mod error;
+pub mod gateway;
+pub mod grpc;
+pub mod issuer;
+pub mod jwk;
+pub mod key_manager;
+pub mod keys;
+pub mod lifecycle;
+pub mod shutdown;
+pub mod token;
+
+pub use error::Error;

@@ -1,0 +1,472 @@
+//! The key lifecycle, as pure data and time: which key signs, which are published, when the next
+//! rotation is due and when a key retires. Nothing here does I/O; every method takes `now`.
+//!
+//! A key's state follows from its recorded times and the moment asked about:
+//!
+//! ```text
+//!   created ── activates_at ─────────── signs_until ─────────── retires_at
+//!     next   │      active               │      previous          │ retired (erased)
+//! ```
+//!
+//! Rotations only write times, so a scheduled key turns active at its moment without anyone
+//! acting, and a restart resumes exactly where the store left off.
+
+use std::time::Duration;
+
+use crate::clock::Timestamp;
+use crate::keys::KeySpec;
+
+/// Where a key is in its life at a given moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyState {
+    /// Published, not signing yet (pre-published so verifiers cache it first).
+    Next,
+    /// Published and signing.
+    Active,
+    /// Published for verification only, until the tokens it signed have expired.
+    Previous,
+    /// Gone from the JWKS; its record is erased at the next store commit.
+    Retired,
+}
+
+impl KeyState {
+    /// Lower-case name, as shown to admins.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Next => "next",
+            KeyState::Active => "active",
+            KeyState::Previous => "previous",
+            KeyState::Retired => "retired",
+        }
+    }
+}
+
+/// One key's lifecycle record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// Key id.
+    pub kid: String,
+    /// Key type.
+    pub spec: KeySpec,
+    /// When the key was made (and published).
+    pub created_at: Timestamp,
+    /// When it starts (or started) signing.
+    pub activates_at: Timestamp,
+    /// When it stops signing; `None` while no successor is planned.
+    pub signs_until: Option<Timestamp>,
+    /// When it leaves the JWKS; `None` while no successor is planned.
+    pub retires_at: Option<Timestamp>,
+}
+
+impl KeyRecord {
+    /// The key's state at `now`.
+    pub fn state(&self, now: Timestamp) -> KeyState {
+        if self.retires_at.is_some_and(|t| t <= now) {
+            KeyState::Retired
+        } else if self.signs_until.is_some_and(|t| t <= now) {
+            KeyState::Previous
+        } else if self.activates_at > now {
+            KeyState::Next
+        } else {
+            KeyState::Active
+        }
+    }
+
+    /// Whether the key is in the JWKS at `now`.
+    pub fn is_published(&self, now: Timestamp) -> bool {
+        self.state(now) != KeyState::Retired
+    }
+}
+
+/// The rules rotations follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// The longest a token may live; a key that stopped signing stays published this long.
+    pub max_token_lifetime: Duration,
+    /// How often a scheduled rotation happens; `None` turns scheduled rotation off.
+    pub rotation_period: Option<Duration>,
+    /// How long a scheduled key is published before it signs.
+    pub prepublish: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            max_token_lifetime: Duration::from_secs(24 * 3600),
+            rotation_period: None,
+            prepublish: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// What a rotation needs from the key store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RotationPlan {
+    /// Make a new key; it will sign from the given moment (now, or after pre-publication).
+    NewKey {
+        /// When the new key starts signing.
+        activates_at: Timestamp,
+    },
+    /// A key is already pre-published: an immediate rotation promotes it instead of making another.
+    PromoteNext {
+        /// The pending key.
+        kid: String,
+    },
+}
+
+/// A rotation that cannot happen now.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum LifecycleError {
+    /// A pre-published rotation is already pending.
+    #[error("a rotation is already pending: key {kid} starts signing at {activates_at_ms} ms since the epoch; rotate without pre-publication to promote it now")]
+    RotationPending {
+        /// The pending key.
+        kid: String,
+        /// When it activates.
+        activates_at_ms: i64,
+    },
+    /// The store's records are inconsistent.
+    #[error("the keyring is inconsistent: {0}")]
+    Inconsistent(&'static str),
+}
+
+/// Every live key's record, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keyring {
+    keys: Vec<KeyRecord>,
+}
+
+impl Keyring {
+    /// A new keyring whose one key is active from `now`.
+    pub fn new(kid: String, spec: KeySpec, now: Timestamp) -> Self {
+        Keyring {
+            keys: vec![KeyRecord {
+                kid,
+                spec,
+                created_at: now,
+                activates_at: now,
+                signs_until: None,
+                retires_at: None,
+            }],
+        }
+    }
+
+    /// Rebuilds a keyring from stored records, checking that they make sense together.
+    pub fn from_records(mut keys: Vec<KeyRecord>) -> Result<Self, LifecycleError> {
+        if keys.is_empty() {
+            return Err(LifecycleError::Inconsistent("no keys"));
+        }
+        keys.sort_by_key(|k| (k.activates_at, k.created_at));
+        let mut kids: Vec<&str> = keys.iter().map(|k| k.kid.as_str()).collect();
+        kids.sort_unstable();
+        if kids.windows(2).any(|w| w[0] == w[1]) {
+            return Err(LifecycleError::Inconsistent("a key id appears twice"));
+        }
+        if keys.iter().filter(|k| k.signs_until.is_none()).count() > 1 {
+            return Err(LifecycleError::Inconsistent(
+                "more than one key without an end of signing",
+            ));
+        }
+        Ok(Keyring { keys })
+    }
+
+    /// The records, oldest first.
+    pub fn records(&self) -> &[KeyRecord] {
+        &self.keys
+    }
+
+    /// The record of `kid`.
+    pub fn get(&self, kid: &str) -> Option<&KeyRecord> {
+        self.keys.iter().find(|k| k.kid == kid)
+    }
+
+    /// The key that signs at `now`.
+    pub fn active(&self, now: Timestamp) -> Option<&KeyRecord> {
+        self.keys
+            .iter()
+            .rev()
+            .find(|k| k.state(now) == KeyState::Active)
+    }
+
+    /// The pre-published key waiting to sign, if any.
+    pub fn pending_next(&self, now: Timestamp) -> Option<&KeyRecord> {
+        self.keys.iter().find(|k| k.state(now) == KeyState::Next)
+    }
+
+    /// The keys in the JWKS at `now`, oldest first.
+    pub fn published(&self, now: Timestamp) -> impl Iterator<Item = &KeyRecord> {
+        self.keys.iter().filter(move |k| k.is_published(now))
+    }
+
+    /// Decides what a rotation at `now` needs. `prepublish` zero means "sign at once" (AKS).
+    pub fn plan_rotation(
+        &self,
+        now: Timestamp,
+        prepublish: Duration,
+    ) -> Result<RotationPlan, LifecycleError> {
+        match self.pending_next(now) {
+            Some(next) if prepublish.is_zero() => Ok(RotationPlan::PromoteNext {
+                kid: next.kid.clone(),
+            }),
+            Some(next) => Err(LifecycleError::RotationPending {
+                kid: next.kid.clone(),
+                activates_at_ms: next.activates_at.as_millis(),
+            }),
+            None => Ok(RotationPlan::NewKey {
+                activates_at: now.plus(prepublish),
+            }),
+        }
+    }
+
+    /// Adds a freshly made key that signs from `activates_at` (`now` for an immediate rotation).
+    ///
+    /// The active key signs until then and stays published for the maximum token lifetime after.
+    /// An immediate rotation retires every older key at once (AKS: rotating twice drops the oldest);
+    /// a pre-published one keeps at most one older key, so no more than three are ever published.
+    pub fn add_key(
+        &mut self,
+        kid: String,
+        spec: KeySpec,
+        now: Timestamp,
+        activates_at: Timestamp,
+        max_token_lifetime: Duration,
+    ) {
+        self.hand_over(now, activates_at, max_token_lifetime);
+        self.keys.push(KeyRecord {
+            kid,
+            spec,
+            created_at: now,
+            activates_at,
+            signs_until: None,
+            retires_at: None,
+        });
+    }
+
+    /// Makes the pending key sign from `now` (an immediate rotation while a key is pre-published).
+    pub fn promote_next(&mut self, now: Timestamp, max_token_lifetime: Duration) -> Option<String> {
+        let idx = self
+            .keys
+            .iter()
+            .position(|k| k.state(now) == KeyState::Next)?;
+        let mut next = self.keys.remove(idx);
+        self.hand_over(now, now, max_token_lifetime);
+        next.activates_at = now;
+        let kid = next.kid.clone();
+        self.keys.push(next);
+        Some(kid)
+    }
+
+    fn hand_over(&mut self, now: Timestamp, activates_at: Timestamp, max_token_lifetime: Duration) {
+        let immediate = activates_at <= now;
+        let active_kid = self.active(now).map(|k| k.kid.clone());
+        // The newest key that already stopped signing; a pre-published rotation may keep it.
+        let newest_previous = self
+            .keys
+            .iter()
+            .rev()
+            .find(|k| k.state(now) == KeyState::Previous)
+            .map(|k| k.kid.clone());
+        for key in &mut self.keys {
+            if Some(&key.kid) == active_kid.as_ref() {
+                key.signs_until = Some(activates_at);
+                key.retires_at = Some(activates_at.plus(max_token_lifetime));
+            } else if key.state(now) == KeyState::Previous
+                && (immediate || Some(&key.kid) != newest_previous.as_ref())
+            {
+                key.retires_at = Some(now);
+            }
+        }
+    }
+
+    /// Removes the records of retired keys; returns their kids.
+    pub fn prune(&mut self, now: Timestamp) -> Vec<String> {
+        let mut gone = Vec::new();
+        self.keys.retain(|k| {
+            let keep = k.state(now) != KeyState::Retired;
+            if !keep {
+                gone.push(k.kid.clone());
+            }
+            keep
+        });
+        gone
+    }
+
+    /// Keeps every key that may still sign published for the (possibly raised) maximum lifetime.
+    /// Returns whether anything changed.
+    pub fn apply_max_lifetime(&mut self, now: Timestamp, max_token_lifetime: Duration) -> bool {
+        let mut changed = false;
+        for key in &mut self.keys {
+            if let Some(until) = key.signs_until.filter(|t| *t > now) {
+                let needed = until.plus(max_token_lifetime);
+                if key.retires_at.is_none_or(|r| r < needed) {
+                    key.retires_at = Some(needed);
+                    changed = true;
+                }
+            }
+        }
+        changed
+    }
+
+    /// When the next scheduled rotation should start (pre-publish the next key), if any.
+    pub fn rotation_due(&self, now: Timestamp, policy: &Policy) -> Option<Timestamp> {
+        let period = policy.rotation_period?;
+        if self.pending_next(now).is_some() {
+            return None;
+        }
+        let active = self.active(now)?;
+        let by_schedule = active
+            .activates_at
+            .plus(period.saturating_sub(policy.prepublish));
+        // Wait until at most one older key is still published, so a new `next` never makes four.
+        let mut previous: Vec<Timestamp> = self
+            .keys
+            .iter()
+            .filter(|k| k.state(now) == KeyState::Previous)
+            .filter_map(|k| k.retires_at)
+            .collect();
+        previous.sort_unstable();
+        previous.pop();
+        Some(previous.into_iter().fold(by_schedule, Timestamp::max))
+    }
+
+    /// The next moment something must happen: a rotation to start or a record to erase.
+    pub fn next_event(&self, now: Timestamp, policy: &Policy) -> Option<Timestamp> {
+        let retire = self
+            .keys
+            .iter()
+            .filter_map(|k| k.retires_at)
+            .filter(|t| *t > now)
+            .min();
+        let activate = self
+            .keys
+            .iter()
+            .map(|k| k.activates_at)
+            .filter(|t| *t > now)
+            .min();
+        [retire, activate, self.rotation_due(now, policy)]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: Duration = Duration::from_secs(3600);
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_secs(secs)
+    }
+
+    fn published(ring: &Keyring, now: Timestamp) -> Vec<&str> {
+        ring.published(now).map(|k| k.kid.as_str()).collect()
+    }
+
+    fn rotate_now(ring: &mut Keyring, kid: &str, now: Timestamp) {
+        match ring.plan_rotation(now, Duration::ZERO).unwrap() {
+            RotationPlan::NewKey { activates_at } => {
+                ring.add_key(kid.into(), KeySpec::P256, now, activates_at, DAY)
+            }
+            RotationPlan::PromoteNext { .. } => {
+                ring.promote_next(now, DAY);
+            }
+        }
+    }
+
+    #[test]
+    fn old_key_stays_published_for_exactly_the_max_lifetime() {
+        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0));
+        rotate_now(&mut ring, "k2", t(100));
+        assert_eq!(ring.active(t(100)).unwrap().kid, "k2");
+        let boundary = t(100).plus(DAY);
+        assert_eq!(
+            published(&ring, Timestamp::from_millis(boundary.as_millis() - 1)),
+            ["k1", "k2"]
+        );
+        assert_eq!(published(&ring, boundary), ["k2"]);
+        assert_eq!(ring.get("k1").unwrap().state(boundary), KeyState::Retired);
+        assert_eq!(ring.next_event(t(100), &Policy::default()), Some(boundary));
+        assert_eq!(ring.prune(boundary), ["k1"]);
+        assert_eq!(ring.records().len(), 1);
+    }
+
+    #[test]
+    fn rotating_twice_retires_the_oldest_at_once() {
+        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0));
+        rotate_now(&mut ring, "k2", t(10));
+        rotate_now(&mut ring, "k3", t(20));
+        assert_eq!(published(&ring, t(20)), ["k2", "k3"]);
+        assert_eq!(ring.active(t(20)).unwrap().kid, "k3");
+        assert_eq!(ring.prune(t(20)), ["k1"]);
+    }
+
+    #[test]
+    fn prepublished_key_is_next_until_its_moment() {
+        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0));
+        let plan = ring.plan_rotation(t(10), H).unwrap();
+        assert_eq!(plan, RotationPlan::NewKey { activates_at: t(10).plus(H) });
+        ring.add_key("k2".into(), KeySpec::P256, t(10), t(10).plus(H), DAY);
+        assert_eq!(ring.get("k2").unwrap().state(t(11)), KeyState::Next);
+        assert_eq!(ring.active(t(11)).unwrap().kid, "k1");
+        assert_eq!(published(&ring, t(11)), ["k1", "k2"]);
+        let switch = t(10).plus(H);
+        assert_eq!(ring.active(switch).unwrap().kid, "k2");
+        assert_eq!(ring.get("k1").unwrap().retires_at, Some(switch.plus(DAY)));
+        // A second pre-published rotation while one is pending is refused; an immediate one promotes.
+        assert!(matches!(
+            ring.plan_rotation(t(12), H),
+            Err(LifecycleError::RotationPending { .. })
+        ));
+        rotate_now(&mut ring, "unused", t(12));
+        assert_eq!(ring.active(t(12)).unwrap().kid, "k2");
+        assert!(ring.get("unused").is_none());
+    }
+
+    #[test]
+    fn schedule_waits_so_that_at_most_three_keys_are_published() {
+        let policy = Policy {
+            max_token_lifetime: DAY,
+            rotation_period: Some(H),
+            prepublish: Duration::from_secs(600),
+        };
+        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0));
+        assert_eq!(ring.rotation_due(t(0), &policy), Some(t(3000)));
+        let mut now = t(0);
+        for i in 2..8 {
+            now = ring.rotation_due(now, &policy).unwrap().max(now);
+            let RotationPlan::NewKey { activates_at } =
+                ring.plan_rotation(now, policy.prepublish).unwrap()
+            else {
+                panic!("no pending key expected")
+            };
+            ring.add_key(format!("k{i}"), KeySpec::P256, now, activates_at, DAY);
+            for probe in 0..100 {
+                let at = now.plus(Duration::from_secs(probe * 1000));
+                assert!(ring.published(at).count() <= 3, "at {at:?}");
+            }
+            now = activates_at;
+            ring.prune(now);
+        }
+    }
+
+    #[test]
+    fn raising_the_max_lifetime_extends_retirement_of_keys_still_signing() {
+        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0));
+        ring.add_key("k2".into(), KeySpec::P256, t(0), t(100), H);
+        assert!(ring.apply_max_lifetime(t(50), DAY));
+        assert_eq!(ring.get("k1").unwrap().retires_at, Some(t(100).plus(DAY)));
+        assert!(!ring.apply_max_lifetime(t(50), H), "never shortened");
+    }
+
+    #[test]
+    fn inconsistent_records_are_refused() {
+        let ring = Keyring::new("k1".into(), KeySpec::P256, t(0));
+        let mut twice = ring.records().to_vec();
+        twice.push(twice[0].clone());
+        assert!(Keyring::from_records(twice).is_err());
+        assert!(Keyring::from_records(vec![]).is_err());
+    }
+}

@@ -1,0 +1,200 @@
+//! Tokens: the checks a signing request must pass, the claims we write, and the compact JWS layout.
+//! Signing itself is the key's business ([`crate::keys::Signer`]).
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::error::Error;
+
+/// Claims a caller may not set: we write them.
+pub const REGISTERED_CLAIMS: [&str; 7] = ["iss", "sub", "aud", "exp", "nbf", "iat", "jti"];
+
+/// The default token lifetime (capped by the configured maximum).
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// The hard ceiling on any configured maximum: a token lives at most one day.
+pub const LIFETIME_CEILING: Duration = Duration::from_secs(24 * 3600);
+
+/// What a caller asks to be signed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenRequest {
+    /// `sub`.
+    pub subject: String,
+    /// `aud`.
+    pub audiences: Vec<String>,
+    /// Requested lifetime; `None` for the default.
+    pub lifetime: Option<Duration>,
+    /// Private claims.
+    pub extra_claims: Map<String, Value>,
+}
+
+/// The payload of a token, in the order we write it.
+#[derive(Debug, Serialize)]
+pub struct Claims<'a> {
+    /// Issuer, verbatim.
+    pub iss: &'a str,
+    /// Subject.
+    pub sub: &'a str,
+    /// Audiences, always an array.
+    pub aud: &'a [String],
+    /// Issued at (unix seconds).
+    pub iat: i64,
+    /// Not before (= iat).
+    pub nbf: i64,
+    /// Expiry (unix seconds).
+    pub exp: i64,
+    /// Unique token id.
+    pub jti: &'a str,
+    /// Private claims.
+    #[serde(flatten)]
+    pub extra: &'a Map<String, Value>,
+}
+
+impl TokenRequest {
+    /// Checks the request against the rules and returns the lifetime to use.
+    pub fn validate(&self, max_lifetime: Duration) -> Result<Duration, Error> {
+        if self.subject.is_empty() {
+            return Err(Error::invalid("subject", "must not be empty"));
+        }
+        if self.audiences.is_empty() {
+            return Err(Error::invalid("audiences", "at least one audience is required"));
+        }
+        if let Some(i) = self.audiences.iter().position(String::is_empty) {
+            return Err(Error::invalid(format!("audiences[{i}]"), "must not be empty"));
+        }
+        if let Some(name) = REGISTERED_CLAIMS
+            .iter()
+            .find(|c| self.extra_claims.contains_key(**c))
+        {
+            return Err(Error::invalid(
+                format!("claims.{name}"),
+                format!("{name:?} is a registered claim that the key service sets itself; remove it from claims"),
+            ));
+        }
+        match self.lifetime {
+            None => Ok(DEFAULT_LIFETIME.min(max_lifetime)),
+            Some(d) if d > max_lifetime => Err(Error::invalid(
+                "lifetime_seconds",
+                format!(
+                    "{} s is above the maximum token lifetime of {} s",
+                    d.as_secs(),
+                    max_lifetime.as_secs()
+                ),
+            )),
+            Some(d) => Ok(d),
+        }
+    }
+}
+
+/// Unpadded base64url.
+pub fn b64url(bytes: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The encoded JWS protected header for a key: exactly `alg`, `kid` and `typ`.
+pub fn encoded_header(alg: &str, kid: &str) -> String {
+    let header = serde_json::json!({ "alg": alg, "kid": kid, "typ": "JWT" });
+    b64url(header.to_string().as_bytes())
+}
+
+/// A random token id in UUID v4 form, as Kubernetes writes `jti`.
+pub fn new_jti(rng: &SystemRandom) -> Result<String, Error> {
+    let mut b = [0u8; 16];
+    rng.fill(&mut b).map_err(|_| Error::ShuttingDown)?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    ))
+}
+
+/// `header.payload`, the bytes a JWS signature covers.
+pub fn signing_input(encoded_header: &str, claims: &Claims<'_>) -> String {
+    let payload = serde_json::to_vec(claims).expect("claims serialize");
+    let mut out = String::with_capacity(encoded_header.len() + 1 + payload.len() * 4 / 3 + 4);
+    out.push_str(encoded_header);
+    out.push('.');
+    URL_SAFE_NO_PAD.encode_string(&payload, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> TokenRequest {
+        TokenRequest {
+            subject: "system:serviceaccount:default:app".into(),
+            audiences: vec!["api://AzureADTokenExchange".into()],
+            ..Default::default()
+        }
+    }
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    #[test]
+    fn default_lifetime_is_one_hour_or_the_max_if_shorter() {
+        assert_eq!(req().validate(DAY).unwrap(), DEFAULT_LIFETIME);
+        assert_eq!(
+            req().validate(Duration::from_secs(600)).unwrap(),
+            Duration::from_secs(600)
+        );
+    }
+
+    #[test]
+    fn above_the_max_is_refused_stating_the_max() {
+        let r = TokenRequest {
+            lifetime: Some(Duration::from_secs(90_000)),
+            ..req()
+        };
+        let msg = r.validate(DAY).unwrap_err().to_string();
+        assert!(msg.starts_with("lifetime_seconds") && msg.contains("86400"), "{msg}");
+    }
+
+    #[test]
+    fn registered_claims_empty_subject_and_audiences_are_refused() {
+        for name in REGISTERED_CLAIMS {
+            let mut r = req();
+            r.extra_claims.insert(name.into(), Value::from("x"));
+            let msg = r.validate(DAY).unwrap_err().to_string();
+            assert!(msg.starts_with(&format!("claims.{name}")), "{msg}");
+        }
+        let msg = TokenRequest { subject: String::new(), ..req() }
+            .validate(DAY)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("subject"));
+        let msg = TokenRequest { audiences: vec![], ..req() }
+            .validate(DAY)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("audiences"));
+    }
+
+    #[test]
+    fn header_has_exactly_alg_kid_typ() {
+        let h = URL_SAFE_NO_PAD.decode(encoded_header("RS256", "k1")).unwrap();
+        let v: Value = serde_json::from_slice(&h).unwrap();
+        assert_eq!(v, serde_json::json!({"alg": "RS256", "kid": "k1", "typ": "JWT"}));
+    }
+
+    #[test]
+    fn jti_is_a_v4_uuid_and_unique() {
+        let rng = SystemRandom::new();
+        let a = new_jti(&rng).unwrap();
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+        assert_ne!(a, new_jti(&rng).unwrap());
+    }
+}
