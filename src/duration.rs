@@ -14,15 +14,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
-            return Err(format!("{text:?} is not a duration: use a form such as 90s, 15m, 24h or 7d"));
+            return Err(format!(
+                "{text:?} is not a duration: use a form such as 90s, 15m, 24h or 7d"
+            ));
         }
         let value: u64 = rest[..digits]
             .parse()
             .map_err(|_| format!("{text:?}: number too large"))?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let millis_per_unit: u64 = match unit {
@@ -50,8 +56,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Writes a duration back in the shortest of the forms [`parse_duration`] reads.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
-        if ms >= size && ms % size == 0 {
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
+        if ms >= size && ms.is_multiple_of(size) {
             return format!("{}{unit}", ms / size);
         }
     }
@@ -83,7 +94,11 @@ mod tests {
 
     #[test]
     fn formats_round_trip() {
-        for d in [Duration::from_secs(86_400), Duration::from_secs(90), Duration::from_millis(1500)] {
+        for d in [
+            Duration::from_secs(86_400),
+            Duration::from_secs(90),
+            Duration::from_millis(1500),
+        ] {
             assert_eq!(parse_duration(&format_duration(d)).unwrap(), d);
         }
         assert_eq!(format_duration(Duration::from_secs(86_400)), "1d");

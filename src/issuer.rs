@@ -30,18 +30,22 @@ impl Issuer {
     /// fragment, no user info. The text is kept byte for byte.
     pub fn parse(text: &str) -> Result<Self, String> {
         if text.contains('#') {
-            return Err(format!("issuer {text:?} has a fragment; an issuer URL may not"));
+            return Err(format!(
+                "issuer {text:?} has a fragment; an issuer URL may not"
+            ));
         }
         if text.contains('?') {
-            return Err(format!("issuer {text:?} has a query; an issuer URL may not"));
+            return Err(format!(
+                "issuer {text:?} has a query; an issuer URL may not"
+            ));
         }
         let uri: http::Uri = text
             .parse()
             .map_err(|e| format!("issuer {text:?} is not a URL: {e}"))?;
         let scheme = uri.scheme_str().unwrap_or("");
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("issuer {text:?} must be an absolute URL such as https://issuer.example/"))?;
+        let authority = uri.authority().ok_or_else(|| {
+            format!("issuer {text:?} must be an absolute URL such as https://issuer.example/")
+        })?;
         if authority.as_str().contains('@') {
             return Err(format!("issuer {text:?} may not carry user information"));
         }
@@ -103,11 +107,17 @@ mod tests {
 
     #[test]
     fn one_slash_whether_or_not_the_issuer_ends_in_one() {
-        for text in ["https://issuer.example/tenant", "https://issuer.example/tenant/"] {
+        for text in [
+            "https://issuer.example/tenant",
+            "https://issuer.example/tenant/",
+        ] {
             let i = Issuer::parse(text).unwrap();
             assert_eq!(i.as_str(), text);
             assert_eq!(i.jwks_url(), "https://issuer.example/tenant/openid/v1/jwks");
-            assert_eq!(i.discovery_path(), "/tenant/.well-known/openid-configuration");
+            assert_eq!(
+                i.discovery_path(),
+                "/tenant/.well-known/openid-configuration"
+            );
         }
         let bare = Issuer::parse("http://127.0.0.1:8080/").unwrap();
         assert_eq!(bare.jwks_path(), "/openid/v1/jwks");

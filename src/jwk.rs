@@ -39,7 +39,10 @@ pub struct Jwk {
 /// Unpadded base64url of an unsigned big-endian integer, minimal: leading zero bytes dropped
 /// (DER adds one when the top bit is set; JWK forbids it).
 pub fn encode_uint(be: &[u8]) -> String {
-    let start = be.iter().position(|b| *b != 0).unwrap_or(be.len().saturating_sub(1));
+    let start = be
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(be.len().saturating_sub(1));
     URL_SAFE_NO_PAD.encode(&be[start..])
 }
 

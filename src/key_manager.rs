@@ -52,6 +52,17 @@ pub struct SignedToken {
     pub jti: String,
 }
 
+/// A signature over claims the caller encoded (the Kubernetes external-signer protocol).
+#[derive(Debug, Clone)]
+pub struct ExternalSignature {
+    /// The encoded JWS header (exactly `alg`, `kid`, `typ`).
+    pub header: String,
+    /// The unpadded base64url signature over `header + "." + claims`, claims as received.
+    pub signature: String,
+    /// The signing key's id.
+    pub kid: String,
+}
+
 /// Why a rotation happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RotationReason {
@@ -247,14 +258,17 @@ impl KeyManager {
         let lifetime = request.validate(settings.policy.max_token_lifetime)?;
         let jti = token::new_jti(&self.inner.rng)?;
         // Held while reading the clock and signing: see the module doc.
-        let guard = self.inner.keys.read().unwrap_or_else(PoisonError::into_inner);
+        let guard = self
+            .inner
+            .keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         let now = self.inner.clock.now();
         let (record, key) = guard.active(now).ok_or(Error::NoActiveKey)?;
         let (kid, retires_at, key) = (record.kid.clone(), record.retires_at, Arc::clone(key));
         let iat = now.as_secs();
         let exp = iat.saturating_add(i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX));
-        if retires_at.is_some_and(|r| Timestamp::from_secs(exp) > r)
-        {
+        if retires_at.is_some_and(|r| Timestamp::from_secs(exp) > r) {
             return Err(LifecycleError::Inconsistent(
                 "the active key would leave the JWKS before this token expires",
             )
@@ -280,6 +294,45 @@ impl KeyManager {
             kid,
             expires_at: exp,
             jti,
+        })
+    }
+
+    /// Signs claims that the caller already encoded, byte for byte as received, after checking
+    /// them (see [`token::check_encoded_claims`]). Blocking.
+    pub fn sign_encoded_claims_blocking(&self, claims: &str) -> Result<ExternalSignature, Error> {
+        let settings = &self.inner.settings;
+        // Held while reading the clock and signing: see the module doc.
+        let guard = self
+            .inner
+            .keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = self.inner.clock.now();
+        let exp = token::check_encoded_claims(
+            claims,
+            settings.issuer.as_str(),
+            settings.policy.max_token_lifetime,
+            now.as_secs(),
+        )?;
+        let (record, key) = guard.active(now).ok_or(Error::NoActiveKey)?;
+        if record
+            .retires_at
+            .is_some_and(|r| Timestamp::from_secs(exp) > r)
+        {
+            return Err(LifecycleError::Inconsistent(
+                "the active key would leave the JWKS before this token expires",
+            )
+            .into());
+        }
+        let mut input = String::with_capacity(key.header.len() + 1 + claims.len());
+        input.push_str(&key.header);
+        input.push('.');
+        input.push_str(claims);
+        let signature = key.signer.sign(input.as_bytes())?;
+        Ok(ExternalSignature {
+            header: key.header.clone(),
+            signature: token::b64url(&signature),
+            kid: record.kid.clone(),
         })
     }
 
@@ -409,7 +462,10 @@ impl KeyManager {
         let policy = self.inner.settings.policy;
         let mut w = lock(&self.inner.writer);
         let now = self.now();
-        if w.keyring.rotation_due(now, &policy).is_some_and(|due| due <= now) {
+        if w.keyring
+            .rotation_due(now, &policy)
+            .is_some_and(|due| due <= now)
+        {
             let plan = w.keyring.plan_rotation(now, policy.prepublish)?;
             self.rotate_locked(&mut w, plan, policy.prepublish, RotationReason::Scheduled)?;
         } else if w

@@ -118,7 +118,9 @@ pub enum RotationPlan {
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum LifecycleError {
     /// A pre-published rotation is already pending.
-    #[error("a rotation is already pending: key {kid} starts signing at {activates_at_ms} ms since the epoch; rotate without pre-publication to promote it now")]
+    #[error(
+        "a rotation is already pending: key {kid} starts signing at {activates_at_ms} ms since the epoch; rotate without pre-publication to promote it now"
+    )]
     RotationPending {
         /// The pending key.
         kid: String,
@@ -407,7 +409,12 @@ mod tests {
     fn prepublished_key_is_next_until_its_moment() {
         let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0));
         let plan = ring.plan_rotation(t(10), H).unwrap();
-        assert_eq!(plan, RotationPlan::NewKey { activates_at: t(10).plus(H) });
+        assert_eq!(
+            plan,
+            RotationPlan::NewKey {
+                activates_at: t(10).plus(H)
+            }
+        );
         ring.add_key("k2".into(), KeySpec::P256, t(10), t(10).plus(H), DAY);
         assert_eq!(ring.get("k2").unwrap().state(t(11)), KeyState::Next);
         assert_eq!(ring.active(t(11)).unwrap().kid, "k1");

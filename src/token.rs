@@ -62,10 +62,16 @@ impl TokenRequest {
             return Err(Error::invalid("subject", "must not be empty"));
         }
         if self.audiences.is_empty() {
-            return Err(Error::invalid("audiences", "at least one audience is required"));
+            return Err(Error::invalid(
+                "audiences",
+                "at least one audience is required",
+            ));
         }
         if let Some(i) = self.audiences.iter().position(String::is_empty) {
-            return Err(Error::invalid(format!("audiences[{i}]"), "must not be empty"));
+            return Err(Error::invalid(
+                format!("audiences[{i}]"),
+                "must not be empty",
+            ));
         }
         if let Some(name) = REGISTERED_CLAIMS
             .iter()
@@ -73,7 +79,9 @@ impl TokenRequest {
         {
             return Err(Error::invalid(
                 format!("claims.{name}"),
-                format!("{name:?} is a registered claim that the key service sets itself; remove it from claims"),
+                format!(
+                    "{name:?} is a registered claim that the key service sets itself; remove it from claims"
+                ),
             ));
         }
         match self.lifetime {
@@ -129,6 +137,55 @@ pub fn signing_input(encoded_header: &str, claims: &Claims<'_>) -> String {
     out
 }
 
+/// Checks claims that a caller encoded itself (the Kubernetes external-signer protocol): unpadded
+/// base64url of a JSON object whose `iss` is ours, with integer `iat` and `exp`, living at most
+/// `max_lifetime` and expiring no later than `now + max_lifetime`. Returns `exp`.
+pub fn check_encoded_claims(
+    encoded: &str,
+    issuer: &str,
+    max_lifetime: Duration,
+    now_secs: i64,
+) -> Result<i64, Error> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(encoded)
+        .map_err(|_| Error::invalid("claims", "not unpadded base64url"))?;
+    let claims: Map<String, Value> = serde_json::from_slice(&bytes)
+        .map_err(|_| Error::invalid("claims", "does not decode to a JSON object"))?;
+    let iss = claims.get("iss").and_then(Value::as_str);
+    if iss != Some(issuer) {
+        return Err(Error::invalid(
+            "claims.iss",
+            format!("must be this service's issuer {issuer:?}, not {iss:?}"),
+        ));
+    }
+    let int = |name: &str| {
+        claims.get(name).and_then(Value::as_i64).ok_or_else(|| {
+            Error::invalid(
+                format!("claims.{name}"),
+                "must be present as an integer (unix seconds)",
+            )
+        })
+    };
+    let (iat, exp) = (int("iat")?, int("exp")?);
+    let max = i64::try_from(max_lifetime.as_secs()).unwrap_or(i64::MAX);
+    if exp.saturating_sub(iat) > max {
+        return Err(Error::invalid(
+            "claims.exp",
+            format!(
+                "exp - iat is {} s, above the maximum token lifetime of {max} s",
+                exp.saturating_sub(iat)
+            ),
+        ));
+    }
+    if exp > now_secs.saturating_add(max) {
+        return Err(Error::invalid(
+            "claims.exp",
+            format!("expires more than the maximum token lifetime ({max} s) from now"),
+        ));
+    }
+    Ok(exp)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,7 +216,10 @@ mod tests {
             ..req()
         };
         let msg = r.validate(DAY).unwrap_err().to_string();
-        assert!(msg.starts_with("lifetime_seconds") && msg.contains("86400"), "{msg}");
+        assert!(
+            msg.starts_with("lifetime_seconds") && msg.contains("86400"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -170,23 +230,76 @@ mod tests {
             let msg = r.validate(DAY).unwrap_err().to_string();
             assert!(msg.starts_with(&format!("claims.{name}")), "{msg}");
         }
-        let msg = TokenRequest { subject: String::new(), ..req() }
-            .validate(DAY)
-            .unwrap_err()
-            .to_string();
+        let msg = TokenRequest {
+            subject: String::new(),
+            ..req()
+        }
+        .validate(DAY)
+        .unwrap_err()
+        .to_string();
         assert!(msg.starts_with("subject"));
-        let msg = TokenRequest { audiences: vec![], ..req() }
-            .validate(DAY)
-            .unwrap_err()
-            .to_string();
+        let msg = TokenRequest {
+            audiences: vec![],
+            ..req()
+        }
+        .validate(DAY)
+        .unwrap_err()
+        .to_string();
         assert!(msg.starts_with("audiences"));
     }
 
     #[test]
     fn header_has_exactly_alg_kid_typ() {
-        let h = URL_SAFE_NO_PAD.decode(encoded_header("RS256", "k1")).unwrap();
+        let h = URL_SAFE_NO_PAD
+            .decode(encoded_header("RS256", "k1"))
+            .unwrap();
         let v: Value = serde_json::from_slice(&h).unwrap();
-        assert_eq!(v, serde_json::json!({"alg": "RS256", "kid": "k1", "typ": "JWT"}));
+        assert_eq!(
+            v,
+            serde_json::json!({"alg": "RS256", "kid": "k1", "typ": "JWT"})
+        );
+    }
+
+    #[test]
+    fn encoded_claims_are_checked_before_signing() {
+        let enc = |v: Value| b64url(v.to_string().as_bytes());
+        let iss = "https://i.example/";
+        let ok = enc(serde_json::json!({"iss": iss, "iat": 100, "exp": 700}));
+        assert_eq!(check_encoded_claims(&ok, iss, DAY, 100).unwrap(), 700);
+        let field =
+            |text: &str, now| match check_encoded_claims(text, iss, Duration::from_secs(600), now)
+                .unwrap_err()
+            {
+                Error::InvalidArgument { field, .. } => field,
+                other => panic!("{other}"),
+            };
+        assert_eq!(field("%%%", 100), "claims");
+        assert_eq!(field(&b64url(b"[1]"), 100), "claims");
+        assert_eq!(
+            field(
+                &enc(serde_json::json!({"iss": "x", "iat": 1, "exp": 2})),
+                100
+            ),
+            "claims.iss"
+        );
+        assert_eq!(
+            field(
+                &enc(serde_json::json!({"iss": iss, "iat": 100, "exp": 701})),
+                100
+            ),
+            "claims.exp"
+        );
+        assert_eq!(
+            field(
+                &enc(serde_json::json!({"iss": iss, "iat": 900, "exp": 1000})),
+                100
+            ),
+            "claims.exp"
+        );
+        assert_eq!(
+            field(&enc(serde_json::json!({"iss": iss, "exp": 1000})), 100),
+            "claims.iat"
+        );
     }
 
     #[test]

@@ -16,7 +16,11 @@ use tokio::net::TcpListener;
 #[command(name = "oidc-gateway", version, about, long_about = None)]
 struct Cli {
     /// The key service's gRPC URL.
-    #[arg(long, env = "OIDC_GATEWAY_KMS", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "OIDC_GATEWAY_KMS",
+        default_value = "http://127.0.0.1:50051"
+    )]
     kms: String,
 
     /// HTTP listen address.
@@ -46,8 +50,7 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -66,7 +69,10 @@ fn main() -> ExitCode {
         let listener = match TcpListener::bind(cli.listen).await {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("oidc-gateway: cannot listen on {} (--listen): {e}", cli.listen);
+                eprintln!(
+                    "oidc-gateway: cannot listen on {} (--listen): {e}",
+                    cli.listen
+                );
                 return ExitCode::from(69);
             }
         };

@@ -79,7 +79,11 @@ struct Cli {
     dev: bool,
 
     /// With --dev: where the in-process gateway listens.
-    #[arg(long, env = "OIDC_KMS_DEV_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "OIDC_KMS_DEV_GATEWAY_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
     dev_gateway_listen: SocketAddr,
 }
 
@@ -104,7 +108,9 @@ fn check(cli: Cli) -> Result<Config, String> {
         (Some(i), _) => i.clone(),
         (None, true) => DEV_ISSUER.to_owned(),
         (None, false) => {
-            return Err("--issuer is required (e.g. --issuer https://issuer.example/), or use --dev".into());
+            return Err(
+                "--issuer is required (e.g. --issuer https://issuer.example/), or use --dev".into(),
+            );
         }
     };
     let issuer = Issuer::parse(&issuer_text).map_err(|e| format!("--issuer: {e}"))?;
@@ -196,8 +202,11 @@ fn dev_kek(path: &Path) -> Result<Kek, String> {
     let mut file = options
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    std::io::Write::write_all(&mut file, format!("{}\n", kek.to_base64().as_str()).as_bytes())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    std::io::Write::write_all(
+        &mut file,
+        format!("{}\n", kek.to_base64().as_str()).as_bytes(),
+    )
+    .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(kek)
 }
 
@@ -215,8 +224,7 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

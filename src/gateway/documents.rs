@@ -145,7 +145,10 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&d.discovery.body).unwrap();
         assert_eq!(v["issuer"], "https://issuer.example/t/1");
         assert_eq!(v["jwks_uri"], "https://issuer.example/t/1/openid/v1/jwks");
-        assert_eq!(v["id_token_signing_alg_values_supported"], serde_json::json!(["RS256", "ES256"]));
+        assert_eq!(
+            v["id_token_signing_alg_values_supported"],
+            serde_json::json!(["RS256", "ES256"])
+        );
         assert_eq!(d.jwks.path, "/t/1/openid/v1/jwks");
         assert_eq!(d.discovery.path, "/t/1/.well-known/openid-configuration");
         assert_eq!(d.cache_control, "public, max-age=300");
@@ -153,8 +156,10 @@ mod tests {
 
     #[test]
     fn etag_changes_exactly_when_the_key_set_does() {
-        let one = Documents::render("https://i.example/", vec![jwk("a", "ES256")], MAX_CACHE_AGE).unwrap();
-        let same = Documents::render("https://i.example/", vec![jwk("a", "ES256")], MAX_CACHE_AGE).unwrap();
+        let one = Documents::render("https://i.example/", vec![jwk("a", "ES256")], MAX_CACHE_AGE)
+            .unwrap();
+        let same = Documents::render("https://i.example/", vec![jwk("a", "ES256")], MAX_CACHE_AGE)
+            .unwrap();
         let two = Documents::render(
             "https://i.example/",
             vec![jwk("a", "ES256"), jwk("b", "ES256")],

@@ -31,9 +31,9 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
 
 fn etag_matches(if_none_match: &HeaderValue, etag: &str) -> bool {
     if_none_match.to_str().is_ok_and(|v| {
-        v.split(',').map(str::trim).any(|t| {
-            t == "*" || t == etag || t.strip_prefix("W/") == Some(etag)
-        })
+        v.split(',')
+            .map(str::trim)
+            .any(|t| t == "*" || t == etag || t.strip_prefix("W/") == Some(etag))
     })
 }
 
@@ -66,7 +66,10 @@ pub fn respond(state: &GatewayState, req: &Request<Incoming>) -> Response<Body> 
     let known = matches!(path, "/healthz" | "/readyz")
         || docs.as_ref().is_some_and(|d| d.at(path).is_some());
     if known && req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: use GET or HEAD\n");
+        let mut r = plain(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed: use GET or HEAD\n",
+        );
         r.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return r;

@@ -38,9 +38,10 @@ fn to_json(field: &str, value: prost_types::Value) -> Result<Value, Error> {
             if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
                 Value::Number(Number::from(n as i64))
             } else {
-                Value::Number(Number::from_f64(n).ok_or_else(|| {
-                    Error::invalid(field, "numbers must be finite")
-                })?)
+                Value::Number(
+                    Number::from_f64(n)
+                        .ok_or_else(|| Error::invalid(field, "numbers must be finite"))?,
+                )
             }
         }
         Some(Kind::StructValue(s)) => Value::Object(struct_to_map(field, s)?),
@@ -149,7 +150,10 @@ impl pb::key_service_server::KeyService for KeyServiceApi {
         &self,
         request: Request<pb::RotateKeysRequest>,
     ) -> Result<Response<pb::RotateKeysResponse>, Status> {
-        let prepublish = seconds("prepublish_seconds", request.into_inner().prepublish_seconds)?;
+        let prepublish = seconds(
+            "prepublish_seconds",
+            request.into_inner().prepublish_seconds,
+        )?;
         let rotation = self.manager.rotate(prepublish).await?;
         Ok(Response::new(pb::RotateKeysResponse {
             active_key_id: rotation.active_kid,

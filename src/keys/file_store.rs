@@ -394,7 +394,8 @@ mod tests {
             ),
             (
                 "future version",
-                text.replacen("\"version\": 1", "\"version\": 9", 1).into_bytes(),
+                text.replacen("\"version\": 1", "\"version\": 9", 1)
+                    .into_bytes(),
                 67,
             ),
         ];
@@ -422,6 +423,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = new_store(dir.path(), &Kek::generate().unwrap());
         let text = format!("{store:?}");
-        assert!(text.contains("keys: 1") && !text.contains("sealed"), "{text}");
+        assert!(
+            text.contains("keys: 1") && !text.contains("sealed"),
+            "{text}"
+        );
     }
 }

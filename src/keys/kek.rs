@@ -11,7 +11,9 @@ use zeroize::{Zeroize, Zeroizing};
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KekError {
     /// Not base64.
-    #[error("the key-encryption key is not valid base64 (expected 32 random bytes, base64-encoded)")]
+    #[error(
+        "the key-encryption key is not valid base64 (expected 32 random bytes, base64-encoded)"
+    )]
     NotBase64,
     /// Base64, but not 32 bytes.
     #[error("the key-encryption key decodes to {0} bytes; it must be exactly 32 (a 256-bit key)")]
@@ -95,8 +97,14 @@ mod tests {
 
     #[test]
     fn refuses_wrong_sizes_and_garbage() {
-        assert_eq!(Kek::from_base64("AAAA").unwrap_err(), KekError::WrongLength(3));
-        assert_eq!(Kek::from_base64("not base64!").unwrap_err(), KekError::NotBase64);
+        assert_eq!(
+            Kek::from_base64("AAAA").unwrap_err(),
+            KekError::WrongLength(3)
+        );
+        assert_eq!(
+            Kek::from_base64("not base64!").unwrap_err(),
+            KekError::NotBase64
+        );
     }
 
     #[test]

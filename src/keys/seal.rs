@@ -144,7 +144,10 @@ mod tests {
     #[test]
     fn wrong_kek_is_refused() {
         let sealed = sealer().seal("kid-1", b"secret").unwrap();
-        assert_eq!(sealer().open("kid-1", &sealed).unwrap_err(), SealError::Open);
+        assert_eq!(
+            sealer().open("kid-1", &sealed).unwrap_err(),
+            SealError::Open
+        );
     }
 
     #[test]

@@ -146,11 +146,15 @@ mod tests {
             let (key, pkcs8) = SoftwareKey::generate(spec).unwrap();
             let sig = key.sign(b"hello").unwrap();
             assert_eq!(sig.len(), 2 * width);
-            let PublicParams::Ec { x, y } = key.public_key().params() else { panic!() };
+            let PublicParams::Ec { x, y } = key.public_key().params() else {
+                panic!()
+            };
             let mut point = vec![4u8];
             point.extend(x);
             point.extend(y);
-            UnparsedPublicKey::new(alg, &point).verify(b"hello", &sig).unwrap();
+            UnparsedPublicKey::new(alg, &point)
+                .verify(b"hello", &sig)
+                .unwrap();
             let again = SoftwareKey::from_pkcs8(spec, &pkcs8).unwrap();
             assert_eq!(again.kid(), key.kid());
         }

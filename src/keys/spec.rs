@@ -25,10 +25,14 @@ impl KeySpec {
     pub fn from_algorithm(alg: &str, rsa_bits: u32) -> Result<Self, String> {
         match alg {
             "RS256" if RSA_BITS.contains(&rsa_bits) => Ok(KeySpec::Rsa(rsa_bits)),
-            "RS256" => Err(format!("RSA keys are 2048, 3072 or 4096 bits, not {rsa_bits}")),
+            "RS256" => Err(format!(
+                "RSA keys are 2048, 3072 or 4096 bits, not {rsa_bits}"
+            )),
             "ES256" => Ok(KeySpec::P256),
             "ES384" => Ok(KeySpec::P384),
-            other => Err(format!("unsupported algorithm {other:?}: use RS256, ES256 or ES384")),
+            other => Err(format!(
+                "unsupported algorithm {other:?}: use RS256, ES256 or ES384"
+            )),
         }
     }
 
@@ -90,7 +94,12 @@ mod tests {
 
     #[test]
     fn display_and_parse_round_trip() {
-        for spec in [KeySpec::Rsa(2048), KeySpec::Rsa(4096), KeySpec::P256, KeySpec::P384] {
+        for spec in [
+            KeySpec::Rsa(2048),
+            KeySpec::Rsa(4096),
+            KeySpec::P256,
+            KeySpec::P384,
+        ] {
             assert_eq!(spec.to_string().parse::<KeySpec>().unwrap(), spec);
         }
         assert!("RS256".parse::<KeySpec>().is_err());
@@ -98,4 +107,3 @@ mod tests {
         assert!(KeySpec::from_algorithm("HS256", 2048).is_err());
     }
 }
-

@@ -39,7 +39,14 @@ pub fn rsa(pkcs1_public_key: &[u8]) -> Vec<u8> {
 /// SPKI for an EC key given its uncompressed point (`04 || x || y`).
 pub fn ec(named_curve_p384: bool, uncompressed_point: &[u8]) -> Vec<u8> {
     let mut alg = tlv(0x06, EC_PUBLIC_KEY);
-    alg.extend(tlv(0x06, if named_curve_p384 { SECP384R1 } else { SECP256R1 }));
+    alg.extend(tlv(
+        0x06,
+        if named_curve_p384 {
+            SECP384R1
+        } else {
+            SECP256R1
+        },
+    ));
     spki(alg, uncompressed_point)
 }
 

