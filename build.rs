@@ -13,7 +13,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;
-    for p in protos {
+    // The Kubernetes external JWT signer, compiled apart: it is served on its own Unix socket, so
+    // its services stay out of the TCP server's reflection descriptors.
+    let k8s_protos = [
+        "proto/k8s/v1alpha1/externaljwt.proto",
+        "proto/k8s/v1/externaljwt.proto",
+    ];
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(protox::compile(k8s_protos, ["proto"])?)?;
+    for p in protos.iter().chain(&k8s_protos) {
         println!("cargo:rerun-if-changed={p}");
     }
     Ok(())

@@ -13,6 +13,7 @@ use clap::Parser;
 use oidc_kms::clock::SystemClock;
 use oidc_kms::duration::parse_duration;
 use oidc_kms::gateway::{self, GatewayConfig};
+use oidc_kms::grpc::k8s_signer::{self, SignerSocket};
 use oidc_kms::issuer::Issuer;
 use oidc_kms::key_manager::{KeyManager, Settings};
 use oidc_kms::keys::{FileStore, Kek, KeySpec};
@@ -29,6 +30,8 @@ const EXIT_LISTEN: u8 = 69;
 const DEV_DATA_DIR: &str = "oidc-kms-data";
 const DEV_KEK_FILE: &str = "dev-kek.b64";
 const DEV_ISSUER: &str = "http://127.0.0.1:8080/";
+/// kube-apiserver refuses an external signer whose maximum token lifetime is shorter.
+const K8S_MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(600);
 
 /// The oidc-kms key service: signs tokens with sealed keys, rotates them, publishes the public keys.
 #[derive(Debug, Parser)]
@@ -85,6 +88,11 @@ struct Cli {
         default_value = "127.0.0.1:8080"
     )]
     dev_gateway_listen: SocketAddr,
+
+    /// Also serve the Kubernetes external JWT signer on this Unix socket (mode 0600), for
+    /// kube-apiserver's --service-account-signing-endpoint.
+    #[arg(long, env = "OIDC_KMS_K8S_SIGNER_SOCKET")]
+    k8s_signer_socket: Option<PathBuf>,
 }
 
 /// The checked configuration.
@@ -94,6 +102,7 @@ struct Config {
     kek: KekSource,
     settings: Settings,
     dev_gateway: Option<SocketAddr>,
+    k8s_signer_socket: Option<PathBuf>,
 }
 
 enum KekSource {
@@ -119,6 +128,13 @@ fn check(cli: Cli) -> Result<Config, String> {
             "--max-token-lifetime: must be above 0 and at most 24h, not {}",
             oidc_kms::duration::format_duration(cli.max_token_lifetime)
         ));
+    }
+    if cli.k8s_signer_socket.is_some() && cli.max_token_lifetime < K8S_MIN_TOKEN_LIFETIME {
+        return Err(
+            "--max-token-lifetime must be at least 10m with --k8s-signer-socket: kube-apiserver \
+             refuses a signer whose maximum token lifetime is below 600 s"
+                .into(),
+        );
     }
     let spec = KeySpec::from_algorithm(&cli.algorithm, cli.rsa_bits)
         .map_err(|e| format!("--algorithm/--rsa-bits: {e}"))?;
@@ -158,6 +174,7 @@ fn check(cli: Cli) -> Result<Config, String> {
             new_key_spec: spec,
         },
         dev_gateway: cli.dev.then_some(cli.dev_gateway_listen),
+        k8s_signer_socket: cli.k8s_signer_socket,
     })
 }
 
@@ -308,6 +325,15 @@ async fn run(config: Config) -> Result<(), Failure> {
         ),
         None => None,
     };
+    let k8s_socket = match &config.k8s_signer_socket {
+        Some(path) => Some(
+            SignerSocket::bind(path)
+                .await
+                .context("cannot serve the Kubernetes signer socket (--k8s-signer-socket)")
+                .map_err(failure(EXIT_LISTEN))?,
+        ),
+        None => None,
+    };
 
     let (trigger, shutdown) = Shutdown::new();
     let (_, active) = manager.list_keys();
@@ -338,6 +364,14 @@ async fn run(config: Config) -> Result<(), Failure> {
         };
         tokio::spawn(gateway::serve(l, config, shutdown.clone()))
     });
+    let mut k8s_task = k8s_socket.map(|socket| {
+        tracing::info!(socket = %socket.path().display(), "Kubernetes external JWT signer ready");
+        tokio::spawn(k8s_signer::serve(
+            manager.clone(),
+            socket,
+            shutdown.clone().wait(),
+        ))
+    });
     let grpc = tokio::spawn(oidc_kms::grpc::server::serve(
         manager,
         listener,
@@ -353,10 +387,27 @@ async fn run(config: Config) -> Result<(), Failure> {
                 Err(e) => Err(failure(70)(e.into())),
             };
         }
+        Some(result) = async {
+            match k8s_task.as_mut() {
+                Some(task) => Some(task.await),
+                None => None,
+            }
+        } => {
+            trigger.trigger();
+            return match result {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(failure(70)(anyhow::Error::new(e).context("Kubernetes signer socket"))),
+                Err(e) => Err(failure(70)(e.into())),
+            };
+        }
     }
     trigger.trigger();
     let _ = scheduler.await;
     if let Some(task) = gateway_task {
+        let _ = task.await;
+    }
+    if let Some(task) = k8s_task {
+        // Removes the socket file once in-flight calls are answered.
         let _ = task.await;
     }
     Ok(())

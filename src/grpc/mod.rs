@@ -1,7 +1,9 @@
 //! The gRPC adapter: the generated `oidckms.v1` code, the `KeyService` implementation over the
 //! [`KeyManager`](crate::key_manager::KeyManager), the one place errors become statuses, and the
-//! server that registers health and reflection next to it.
+//! server that registers health and reflection next to it. [`k8s_signer`] serves the Kubernetes
+//! external JWT signer (generated code in [`k8s_v1alpha1`] and [`k8s_v1`]) on a Unix socket.
 
+pub mod k8s_signer;
 pub mod key_service;
 pub mod server;
 pub mod status;
@@ -14,4 +16,16 @@ pub mod pb {
     /// The encoded file descriptor set, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/oidckms_descriptor.bin"));
+}
+
+/// Generated code for the Kubernetes external JWT signer, package `v1alpha1` (Kubernetes 1.32–1.33).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod k8s_v1alpha1 {
+    tonic::include_proto!("v1alpha1");
+}
+
+/// Generated code for the Kubernetes external JWT signer, package `v1` (Kubernetes 1.34 and later).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod k8s_v1 {
+    tonic::include_proto!("v1");
 }
