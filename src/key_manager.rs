@@ -50,6 +50,8 @@ pub struct SignedToken {
     pub expires_at: i64,
     /// `jti`.
     pub jti: String,
+    /// The JWS algorithm it was signed with.
+    pub alg: &'static str,
 }
 
 /// A signature over claims the caller encoded (the Kubernetes external-signer protocol).
@@ -294,6 +296,7 @@ impl KeyManager {
             kid,
             expires_at: exp,
             jti,
+            alg: key.signer.public_key().spec().jws_algorithm(),
         })
     }
 

@@ -3,6 +3,7 @@
 //! server that registers health and reflection next to it. [`k8s_signer`] serves the Kubernetes
 //! external JWT signer (generated code in [`k8s_v1alpha1`] and [`k8s_v1`]) on a Unix socket.
 
+pub mod caller;
 pub mod k8s_signer;
 pub mod key_service;
 pub mod server;
