@@ -26,6 +26,15 @@ pub enum Error {
     /// The key backend failed to sign.
     #[error(transparent)]
     Sign(#[from] SignError),
+    /// The signing queue is full: the caller should back off and retry.
+    #[error("the key service is at capacity ({capacity} signatures queued); retry with backoff")]
+    Overloaded {
+        /// The queue's size.
+        capacity: usize,
+    },
+    /// The caller's deadline passed before the request was worked on; nothing was signed.
+    #[error("the request's deadline passed before it could be signed; nothing was signed")]
+    DeadlineExceeded,
     /// The service is shutting down or a worker failed.
     #[error("the key service is shutting down")]
     ShuttingDown,

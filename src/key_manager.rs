@@ -26,6 +26,7 @@ use crate::issuer::Issuer;
 use crate::jwk::Jwk;
 use crate::keys::{KeySpec, KeyStore, Signer};
 use crate::lifecycle::{KeyRecord, KeyState, Keyring, LifecycleError, Policy, RotationPlan};
+use crate::signing_pool::SigningPool;
 use crate::token::{self, Claims, TokenRequest};
 
 /// What the key manager is configured with.
@@ -63,6 +64,15 @@ pub struct ExternalSignature {
     pub signature: String,
     /// The signing key's id.
     pub kid: String,
+}
+
+/// A signature made by [`KeyManager::sign_with_active_key`].
+struct ActiveSignature {
+    input: String,
+    signature: Vec<u8>,
+    exp: i64,
+    kid: String,
+    key: Arc<LiveKey>,
 }
 
 /// Why a rotation happened.
@@ -146,6 +156,7 @@ struct Inner {
     keys: RwLock<Arc<KeySet>>,
     changes: watch::Sender<Timestamp>,
     rng: SystemRandom,
+    pool: SigningPool,
 }
 
 /// The key manager; cheap to clone (all clones share one state).
@@ -217,6 +228,7 @@ impl KeyManager {
                 keys: RwLock::new(snapshot),
                 changes: watch::Sender::new(now),
                 rng: SystemRandom::new(),
+                pool: SigningPool::for_this_machine(),
             }),
         };
         {
@@ -254,12 +266,13 @@ impl KeyManager {
         self.inner.changes.subscribe()
     }
 
-    /// Signs a token (blocking: run it on the blocking pool).
-    pub fn sign_token_blocking(&self, request: &TokenRequest) -> Result<SignedToken, Error> {
-        let settings = &self.inner.settings;
-        let lifetime = request.validate(settings.policy.max_token_lifetime)?;
-        let jti = token::new_jti(&self.inner.rng)?;
-        // Held while reading the clock and signing: see the module doc.
+    /// Signs with the key active now. The key set's read lock is held while the clock is read,
+    /// `build` makes the signing input (and says when the token expires) and the key signs: see
+    /// the module doc. A token that would outlive its key is refused (impossible by construction).
+    fn sign_with_active_key(
+        &self,
+        build: impl FnOnce(Timestamp, &LiveKey) -> Result<(String, i64), Error>,
+    ) -> Result<ActiveSignature, Error> {
         let guard = self
             .inner
             .keys
@@ -267,57 +280,7 @@ impl KeyManager {
             .unwrap_or_else(PoisonError::into_inner);
         let now = self.inner.clock.now();
         let (record, key) = guard.active(now).ok_or(Error::NoActiveKey)?;
-        let (kid, retires_at, key) = (record.kid.clone(), record.retires_at, Arc::clone(key));
-        let iat = now.as_secs();
-        let exp = iat.saturating_add(i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX));
-        if retires_at.is_some_and(|r| Timestamp::from_secs(exp) > r) {
-            return Err(LifecycleError::Inconsistent(
-                "the active key would leave the JWKS before this token expires",
-            )
-            .into());
-        }
-        let claims = Claims {
-            iss: settings.issuer.as_str(),
-            sub: &request.subject,
-            aud: &request.audiences,
-            iat,
-            nbf: iat,
-            exp,
-            jti: &jti,
-            extra: &request.extra_claims,
-        };
-        let mut token = token::signing_input(&key.header, &claims);
-        let signature = key.signer.sign(token.as_bytes())?;
-        drop(guard);
-        token.push('.');
-        token.push_str(&token::b64url(&signature));
-        Ok(SignedToken {
-            token,
-            kid,
-            expires_at: exp,
-            jti,
-            alg: key.signer.public_key().spec().jws_algorithm(),
-        })
-    }
-
-    /// Signs claims that the caller already encoded, byte for byte as received, after checking
-    /// them (see [`token::check_encoded_claims`]). Blocking.
-    pub fn sign_encoded_claims_blocking(&self, claims: &str) -> Result<ExternalSignature, Error> {
-        let settings = &self.inner.settings;
-        // Held while reading the clock and signing: see the module doc.
-        let guard = self
-            .inner
-            .keys
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        let now = self.inner.clock.now();
-        let exp = token::check_encoded_claims(
-            claims,
-            settings.issuer.as_str(),
-            settings.policy.max_token_lifetime,
-            now.as_secs(),
-        )?;
-        let (record, key) = guard.active(now).ok_or(Error::NoActiveKey)?;
+        let (input, exp) = build(now, key)?;
         if record
             .retires_at
             .is_some_and(|r| Timestamp::from_secs(exp) > r)
@@ -327,24 +290,94 @@ impl KeyManager {
             )
             .into());
         }
-        let mut input = String::with_capacity(key.header.len() + 1 + claims.len());
-        input.push_str(&key.header);
-        input.push('.');
-        input.push_str(claims);
         let signature = key.signer.sign(input.as_bytes())?;
-        Ok(ExternalSignature {
-            header: key.header.clone(),
-            signature: token::b64url(&signature),
+        Ok(ActiveSignature {
+            input,
+            signature,
+            exp,
             kid: record.kid.clone(),
+            key: Arc::clone(key),
         })
     }
 
-    /// Signs a token on the blocking pool.
-    pub async fn sign_token(&self, request: TokenRequest) -> Result<SignedToken, Error> {
+    /// Signs a token (blocking: run it on the signing pool).
+    pub fn sign_token_blocking(&self, request: &TokenRequest) -> Result<SignedToken, Error> {
+        let settings = &self.inner.settings;
+        let lifetime = request.validate(settings.policy.max_token_lifetime)?;
+        let lifetime = i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX);
+        let jti = token::new_jti(&self.inner.rng)?;
+        let signed = self.sign_with_active_key(|now, key| {
+            let iat = now.as_secs();
+            let exp = iat.saturating_add(lifetime);
+            let claims = Claims {
+                iss: settings.issuer.as_str(),
+                sub: &request.subject,
+                aud: &request.audiences,
+                iat,
+                nbf: iat,
+                exp,
+                jti: &jti,
+                extra: &request.extra_claims,
+            };
+            Ok((token::signing_input(&key.header, &claims), exp))
+        })?;
+        let mut token = signed.input;
+        token.push('.');
+        token.push_str(&token::b64url(&signed.signature));
+        Ok(SignedToken {
+            token,
+            kid: signed.kid,
+            expires_at: signed.exp,
+            jti,
+            alg: signed.key.signer.public_key().spec().jws_algorithm(),
+        })
+    }
+
+    /// Signs claims that the caller already encoded, byte for byte as received, after checking
+    /// them (see [`token::check_encoded_claims`]). Blocking.
+    pub fn sign_encoded_claims_blocking(&self, claims: &str) -> Result<ExternalSignature, Error> {
+        let settings = &self.inner.settings;
+        let signed = self.sign_with_active_key(|now, key| {
+            let exp = token::check_encoded_claims(
+                claims,
+                settings.issuer.as_str(),
+                settings.policy.max_token_lifetime,
+                now.as_secs(),
+            )?;
+            Ok((format!("{}.{claims}", key.header), exp))
+        })?;
+        Ok(ExternalSignature {
+            header: signed.key.header.clone(),
+            signature: token::b64url(&signed.signature),
+            kid: signed.kid,
+        })
+    }
+
+    /// Signs a token on the signing pool; refused at once when the pool is full, and not signed
+    /// when `deadline` passes first.
+    pub async fn sign_token(
+        &self,
+        request: TokenRequest,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<SignedToken, Error> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.sign_token_blocking(&request))
+        self.inner
+            .pool
+            .run(deadline, move || this.sign_token_blocking(&request))
             .await
-            .map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Signs caller-encoded claims on the signing pool (see [`Self::sign_encoded_claims_blocking`]).
+    pub async fn sign_encoded_claims(
+        &self,
+        claims: String,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<ExternalSignature, Error> {
+        let this = self.clone();
+        self.inner
+            .pool
+            .run(deadline, move || this.sign_encoded_claims_blocking(&claims))
+            .await
     }
 
     /// Rotates: `prepublish` zero makes the new key sign at once (AKS); otherwise it is published
@@ -420,6 +453,7 @@ impl KeyManager {
         }
         self.commit(w, ring, new_signer, now, sign_lock)?;
         tracing::info!(kid = %new_kid, reason = ?reason, prepublish_s = prepublish.as_secs(), "rotated keys");
+        crate::metrics::record_rotation(reason);
         Ok(new_kid)
     }
 

@@ -9,12 +9,20 @@
 //! - [`lifecycle`]: pure rotation rules over a [`lifecycle::Keyring`]; every method takes `now`.
 //! - [`token`], [`jwk`], [`issuer`]: claims and the JWS layout, JWK encoding, the issuer URL.
 //! - [`key_manager`]: ties store, lifecycle and clock together; what the adapters call.
-//! - [`grpc`]: the tonic `KeyService` adapter, health and reflection, error-to-status mapping.
+//! - [`signing_pool`]: the bounded pool of signing threads, with load shedding and deadlines.
+//! - [`grpc`]: the tonic `KeyService` adapter, health and reflection, error-to-status mapping,
+//!   mutual TLS and the access policy.
 //! - [`gateway`]: the HTTP adapter serving discovery and JWKS from `GetJwks`.
+//! - [`metrics`], [`logging`]: Prometheus metrics and the `/metrics` endpoint; the log subscriber
+//!   (text or JSON) and request ids.
+//! - [`config`], [`cli`]: the binaries' layered configuration (flag > env > TOML file > default) and
+//!   the admin CLI, a gRPC client of a running key service.
 //! - [`clock`], [`duration`], [`error`]: injected time, human durations, the error type.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod duration;
 pub mod error;
 pub mod gateway;
@@ -24,7 +32,10 @@ pub mod jwk;
 pub mod key_manager;
 pub mod keys;
 pub mod lifecycle;
+pub mod logging;
+pub mod metrics;
 pub mod shutdown;
+pub mod signing_pool;
 pub mod token;
 
 pub use error::Error;

@@ -20,6 +20,25 @@ pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 /// The hard ceiling on any configured maximum: a token lives at most one day.
 pub const LIFETIME_CEILING: Duration = Duration::from_secs(24 * 3600);
 
+/// Longest subject, in characters (Microsoft Entra's limit for federated credentials).
+pub const MAX_SUBJECT_CHARS: usize = 600;
+/// Most audiences in one token.
+pub const MAX_AUDIENCES: usize = 20;
+/// Longest audience, in characters (Entra's limit).
+pub const MAX_AUDIENCE_CHARS: usize = 600;
+/// Largest extra claims, encoded as JSON.
+pub const MAX_CLAIMS_BYTES: usize = 16 * 1024;
+/// Deepest nesting of extra claims.
+pub const MAX_CLAIMS_DEPTH: usize = 16;
+
+fn depth(value: &Value) -> usize {
+    match value {
+        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// What a caller asks to be signed.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TokenRequest {
@@ -61,16 +80,55 @@ impl TokenRequest {
         if self.subject.is_empty() {
             return Err(Error::invalid("subject", "must not be empty"));
         }
+        if self.subject.chars().count() > MAX_SUBJECT_CHARS {
+            return Err(Error::invalid(
+                "subject",
+                format!("longer than {MAX_SUBJECT_CHARS} characters"),
+            ));
+        }
         if self.audiences.is_empty() {
             return Err(Error::invalid(
                 "audiences",
                 "at least one audience is required",
             ));
         }
-        if let Some(i) = self.audiences.iter().position(String::is_empty) {
+        if self.audiences.len() > MAX_AUDIENCES {
             return Err(Error::invalid(
-                format!("audiences[{i}]"),
-                "must not be empty",
+                "audiences",
+                format!(
+                    "{} audiences; at most {MAX_AUDIENCES} are allowed",
+                    self.audiences.len()
+                ),
+            ));
+        }
+        for (i, aud) in self.audiences.iter().enumerate() {
+            if aud.is_empty() {
+                return Err(Error::invalid(
+                    format!("audiences[{i}]"),
+                    "must not be empty",
+                ));
+            }
+            if aud.chars().count() > MAX_AUDIENCE_CHARS {
+                return Err(Error::invalid(
+                    format!("audiences[{i}]"),
+                    format!("longer than {MAX_AUDIENCE_CHARS} characters"),
+                ));
+            }
+        }
+        let nesting = self.extra_claims.values().map(depth).max().unwrap_or(0) + 1;
+        if nesting > MAX_CLAIMS_DEPTH {
+            return Err(Error::invalid(
+                "claims",
+                format!("nested {nesting} levels deep; at most {MAX_CLAIMS_DEPTH} are allowed"),
+            ));
+        }
+        let size = serde_json::to_vec(&self.extra_claims).map_or(usize::MAX, |v| v.len());
+        if size > MAX_CLAIMS_BYTES {
+            return Err(Error::invalid(
+                "claims",
+                format!(
+                    "{size} bytes once encoded; at most {MAX_CLAIMS_BYTES} (16 KiB) are allowed"
+                ),
             ));
         }
         if let Some(name) = REGISTERED_CLAIMS
@@ -246,6 +304,77 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(msg.starts_with("audiences"));
+    }
+
+    #[test]
+    fn limits_name_the_field_and_the_limit() {
+        let long = "x".repeat(601);
+        let mut deep = Value::from(1);
+        for _ in 0..40 {
+            deep = serde_json::json!({ "a": deep });
+        }
+        let cases: Vec<(TokenRequest, &str, &str)> = vec![
+            (
+                TokenRequest {
+                    subject: long.clone(),
+                    ..req()
+                },
+                "subject",
+                "600",
+            ),
+            (
+                TokenRequest {
+                    audiences: vec!["a".into(); 21],
+                    ..req()
+                },
+                "audiences",
+                "20",
+            ),
+            (
+                TokenRequest {
+                    audiences: vec!["a".into(), long],
+                    ..req()
+                },
+                "audiences[1]",
+                "600",
+            ),
+            (
+                TokenRequest {
+                    extra_claims: [("blob".to_owned(), Value::from("x".repeat(17 * 1024)))]
+                        .into_iter()
+                        .collect(),
+                    ..req()
+                },
+                "claims",
+                "16384",
+            ),
+            (
+                TokenRequest {
+                    extra_claims: [("d".to_owned(), deep)].into_iter().collect(),
+                    ..req()
+                },
+                "claims",
+                "16",
+            ),
+        ];
+        for (r, field, limit) in cases {
+            match r.validate(DAY).unwrap_err() {
+                Error::InvalidArgument { field: f, reason } => {
+                    assert_eq!(f, field);
+                    assert!(reason.contains(limit), "{field}: {reason}");
+                }
+                other => panic!("{other}"),
+            }
+        }
+        let at_limit = TokenRequest {
+            subject: "s".repeat(600),
+            audiences: vec!["a".repeat(600); 20],
+            ..req()
+        };
+        assert!(
+            at_limit.validate(DAY).is_ok(),
+            "the limits themselves are allowed"
+        );
     }
 
     #[test]

@@ -1,20 +1,38 @@
 //! `oidc-gateway`: serves the issuer's discovery document and JWKS over HTTP from the key service's
-//! `GetJwks`. It holds no keys.
+//! `GetJwks`, with `/healthz`, `/readyz` and Prometheus `/metrics`. It holds no keys. Settings come
+//! from flags > env > the `--config` TOML file > defaults; invalid ones exit 64.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use oidc_kms::config;
 use oidc_kms::duration::parse_duration;
 use oidc_kms::gateway::{self, GatewayConfig};
+use oidc_kms::logging::LogFormat;
 use oidc_kms::shutdown::{self, Shutdown};
 use tokio::net::TcpListener;
 
+/// How --help explains the config file.
+const CONFIG_HELP: &str = "\
+Every option can also be set by its environment variable or, under its long name, in the TOML \
+file given by --config, e.g.:
+
+    kms = \"http://127.0.0.1:50051\"
+    listen = \"0.0.0.0:8080\"
+    max-stale = \"1h\"
+
+Precedence: flag > environment > config file > default. Invalid configuration exits with code 64, \
+naming the setting.";
+
 /// The oidc-kms HTTP gateway: public OpenID Connect discovery and JWKS for relying parties.
-#[derive(Debug, Parser)]
-#[command(name = "oidc-gateway", version, about, long_about = None)]
+#[derive(Debug, clap::Parser)]
+#[command(name = "oidc-gateway", version, about, long_about = None, after_help = CONFIG_HELP)]
 struct Cli {
+    /// TOML file of settings, keyed by the long option names.
+    #[arg(long, env = "OIDC_GATEWAY_CONFIG")]
+    config: Option<std::path::PathBuf>,
+
     /// The key service's gRPC URL.
     #[arg(
         long,
@@ -28,34 +46,41 @@ struct Cli {
     listen: SocketAddr,
 
     /// Longest time between two refreshes of the key set (the key service may ask for shorter).
-    #[arg(long, env = "OIDC_GATEWAY_REFRESH_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "OIDC_GATEWAY_REFRESH_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     refresh_interval: Duration,
 
     /// How long the last good key set is served while the key service is unreachable; 503 after.
     #[arg(long, env = "OIDC_GATEWAY_MAX_STALE", default_value = "1h", value_parser = parse_duration)]
     max_stale: Duration,
+
+    /// Log lines as human-readable text or as JSON objects, on stderr. RUST_LOG sets the level
+    /// (default info; each request is logged at debug).
+    #[arg(long, env = "OIDC_GATEWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) if e.use_stderr() => {
-            let _ = e.print();
-            return ExitCode::from(64);
-        }
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
+    let (cli, provenance) = match config::parse::<Cli>(std::env::args_os().collect(), "config") {
+        Ok(layered) => (layered.value, layered.provenance),
+        Err(e) => return e.report("oidc-gateway"),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    oidc_kms::logging::init(cli.log_format);
+    if let Err(e) = oidc_kms::metrics::install() {
+        tracing::warn!(error = %e, "metrics are disabled");
+    }
+    oidc_kms::metrics::register_gateway();
     if cli.refresh_interval.is_zero() {
-        eprintln!("oidc-gateway: invalid configuration: --refresh-interval must be above 0");
+        eprintln!(
+            "oidc-gateway: invalid configuration: {}",
+            provenance.explain("--refresh-interval: must be above 0")
+        );
+        return ExitCode::from(64);
+    }
+    if let Err(e) = tonic::transport::Endpoint::from_shared(cli.kms.clone()) {
+        eprintln!(
+            "oidc-gateway: invalid configuration: {}",
+            provenance.explain(&format!("--kms {:?}: not a usable URL: {e}", cli.kms))
+        );
         return ExitCode::from(64);
     }
     let runtime = match tokio::runtime::Runtime::new() {

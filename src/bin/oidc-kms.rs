@@ -1,6 +1,10 @@
-//! `oidc-kms`: the key service. Parses and checks its configuration first (exit 64 when invalid),
-//! opens the sealed store (a distinct exit code per store fault), then serves gRPC — and, with
+//! `oidc-kms`: the key service. Parses and checks its configuration first (flags > env > the
+//! `--config` TOML file > defaults; exit 64 when invalid), opens the sealed store (a distinct exit
+//! code per store fault), then serves gRPC — and, with `--metrics-listen`, Prometheus metrics; with
 //! `--dev`, the HTTP gateway in the same process — until SIGTERM or SIGINT.
+//!
+//! With a subcommand (`keys list`, `keys rotate`, `token sign`, `kek generate`) it is instead the
+//! admin CLI, a gRPC client of a running key service ([`oidc_kms::cli`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,6 +15,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use oidc_kms::clock::SystemClock;
+use oidc_kms::config::{self, Source};
 use oidc_kms::duration::parse_duration;
 use oidc_kms::gateway::{self, GatewayConfig};
 use oidc_kms::grpc::k8s_signer::{self, SignerSocket};
@@ -18,6 +23,7 @@ use oidc_kms::issuer::Issuer;
 use oidc_kms::key_manager::{KeyManager, Settings};
 use oidc_kms::keys::{FileStore, Kek, KeySpec};
 use oidc_kms::lifecycle::Policy;
+use oidc_kms::logging::LogFormat;
 use oidc_kms::shutdown::{self, Shutdown};
 use oidc_kms::token::LIFETIME_CEILING;
 use tokio::net::TcpListener;
@@ -33,10 +39,39 @@ const DEV_ISSUER: &str = "http://127.0.0.1:8080/";
 /// kube-apiserver refuses an external signer whose maximum token lifetime is shorter.
 const K8S_MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(600);
 
+/// How --help explains the config file.
+const CONFIG_HELP: &str = "\
+Every option can also be set by its environment variable or, under its long name, in the TOML \
+file given by --config, e.g.:
+
+    issuer = \"https://issuer.example.com/\"
+    data-dir = \"/var/lib/oidc-kms\"
+    kek-file = \"/etc/oidc-kms/kek.b64\"
+    max-token-lifetime = \"24h\"
+    metrics-listen = \"127.0.0.1:9090\"
+
+Precedence: flag > environment > config file > default. OIDC_KMS_KEK (the KEK's base64 value) is \
+read only from the environment. Invalid configuration exits with code 64, naming the setting.";
+
 /// The oidc-kms key service: signs tokens with sealed keys, rotates them, publishes the public keys.
 #[derive(Debug, Parser)]
-#[command(name = "oidc-kms", version, about, long_about = None)]
+#[command(
+    name = "oidc-kms",
+    version,
+    about,
+    long_about = None,
+    args_conflicts_with_subcommands = true,
+    after_help = CONFIG_HELP
+)]
 struct Cli {
+    /// Admin commands (a gRPC client of a running service); without one, serve.
+    #[command(subcommand)]
+    command: Option<oidc_kms::cli::Command>,
+
+    /// TOML file of settings, keyed by the long option names.
+    #[arg(long, env = "OIDC_KMS_CONFIG")]
+    config: Option<PathBuf>,
+
     /// gRPC listen address.
     #[arg(long, env = "OIDC_KMS_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
@@ -93,6 +128,38 @@ struct Cli {
     /// kube-apiserver's --service-account-signing-endpoint.
     #[arg(long, env = "OIDC_KMS_K8S_SIGNER_SOCKET")]
     k8s_signer_socket: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP). [default: off]
+    #[arg(long, env = "OIDC_KMS_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+
+    /// Log lines as human-readable text or as JSON objects, on stderr. RUST_LOG sets the level
+    /// (default info).
+    #[arg(long, env = "OIDC_KMS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Serve gRPC over TLS with this PEM certificate chain (leaf first). Needs --tls-key and
+    /// --tls-client-ca.
+    #[arg(long, env = "OIDC_KMS_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert (unencrypted).
+    #[arg(long, env = "OIDC_KMS_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: every caller must present a client certificate issued by one of these CAs.
+    #[arg(long, env = "OIDC_KMS_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
+
+    /// JSON access policy: which client identities (certificate DNS or URI SANs) may call which
+    /// RPCs. Without it, every verified client may call SignToken and GetJwks only.
+    #[arg(long, env = "OIDC_KMS_ACCESS_POLICY")]
+    access_policy: Option<PathBuf>,
+
+    /// Allow plaintext gRPC on a --listen address that is not loopback. Anyone who can reach it
+    /// can then sign tokens and rotate keys.
+    #[arg(long, env = "OIDC_KMS_INSECURE_PLAINTEXT")]
+    insecure_plaintext: bool,
 }
 
 /// The checked configuration.
@@ -103,6 +170,9 @@ struct Config {
     settings: Settings,
     dev_gateway: Option<SocketAddr>,
     k8s_signer_socket: Option<PathBuf>,
+    metrics_listen: Option<SocketAddr>,
+    /// Plaintext (loopback) or mutual TLS with the access policy.
+    transport: oidc_kms::grpc::tls::Transport,
 }
 
 enum KekSource {
@@ -160,7 +230,10 @@ fn check(cli: Cli) -> Result<Config, String> {
             return Err("no key-encryption key: give --kek-file PATH or set OIDC_KMS_KEK (make one with: head -c 32 /dev/urandom | base64)".into());
         }
     };
+    let transport = transport(&cli)?;
     Ok(Config {
+        transport,
+        metrics_listen: cli.metrics_listen,
         listen: cli.listen,
         data_dir,
         kek,
@@ -176,6 +249,93 @@ fn check(cli: Cli) -> Result<Config, String> {
         dev_gateway: cli.dev.then_some(cli.dev_gateway_listen),
         k8s_signer_socket: cli.k8s_signer_socket,
     })
+}
+
+/// How the gRPC listener is secured: mutual TLS from --tls-cert, --tls-key and --tls-client-ca
+/// (all three) with --access-policy; else plaintext, which only a loopback --listen address gets
+/// unless --insecure-plaintext says otherwise.
+fn transport(cli: &Cli) -> Result<oidc_kms::grpc::tls::Transport, String> {
+    use oidc_kms::grpc::access::AccessPolicy;
+    use oidc_kms::grpc::tls::{TlsFiles, Transport, load_mutual_tls};
+    match (&cli.tls_cert, &cli.tls_key, &cli.tls_client_ca) {
+        (None, None, None) => {
+            if cli.access_policy.is_some() {
+                return Err(
+                    "--access-policy needs --tls-cert, --tls-key and --tls-client-ca: \
+                            the policy names client certificates"
+                        .into(),
+                );
+            }
+            if cli.listen.ip().to_canonical().is_loopback() {
+                return Ok(Transport::Plaintext);
+            }
+            if !cli.insecure_plaintext {
+                return Err(format!(
+                    "--listen {}: plaintext gRPC is served only on a loopback address, since \
+                     anyone who reaches it could sign tokens and rotate keys; secure it with \
+                     --tls-cert, --tls-key and --tls-client-ca, or accept the risk with \
+                     --insecure-plaintext",
+                    cli.listen
+                ));
+            }
+            tracing::warn!(
+                "INSECURE: plaintext gRPC on {} (--insecure-plaintext): anyone who can reach this \
+                 address can sign tokens for any subject and rotate the keys. Use TLS with client \
+                 certificates (--tls-cert, --tls-key, --tls-client-ca) instead.",
+                cli.listen
+            );
+            Ok(Transport::Plaintext)
+        }
+        (Some(cert), Some(key), Some(client_ca)) => {
+            if cli.insecure_plaintext {
+                return Err("--insecure-plaintext contradicts --tls-cert; remove one".into());
+            }
+            if cli.dev {
+                return Err(
+                    "--tls-cert: --dev serves its in-process gateway over plaintext \
+                            gRPC; use TLS without --dev (and run oidc-gateway on its own)"
+                        .into(),
+                );
+            }
+            let files = TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: client_ca.clone(),
+            };
+            let config = load_mutual_tls(&files).map_err(|e| e.to_string())?;
+            let policy = match &cli.access_policy {
+                Some(path) => {
+                    AccessPolicy::load(path).map_err(|e| format!("--access-policy {e}"))?
+                }
+                None => {
+                    tracing::info!(
+                        "no --access-policy: every client with a verified certificate may call \
+                         SignToken and GetJwks; nobody may call RotateKeys or ListKeys"
+                    );
+                    AccessPolicy::verified_clients_sign()
+                }
+            };
+            Ok(Transport::MutualTls {
+                config,
+                policy: Arc::new(policy),
+            })
+        }
+        (cert, key, client_ca) => {
+            let missing: Vec<&str> = [
+                ("--tls-cert", cert.is_none()),
+                ("--tls-key", key.is_none()),
+                ("--tls-client-ca", client_ca.is_none()),
+            ]
+            .into_iter()
+            .filter_map(|(flag, absent)| absent.then_some(flag))
+            .collect();
+            Err(format!(
+                "{} missing: TLS needs --tls-cert, --tls-key and --tls-client-ca together \
+                 (callers are authorized by their client certificates)",
+                missing.join(" and ")
+            ))
+        }
+    }
 }
 
 fn read_kek(source: &KekSource) -> Result<Kek, String> {
@@ -228,27 +388,35 @@ fn dev_kek(path: &Path) -> Result<Kek, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) if e.use_stderr() => {
-            let _ = e.print();
-            return ExitCode::from(EXIT_CONFIG);
-        }
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
+    let (mut cli, provenance) = match config::parse::<Cli>(std::env::args_os().collect(), "config")
+    {
+        Ok(layered) => (layered.value, layered.provenance),
+        Err(e) => return e.report("oidc-kms"),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if let Some(command) = cli.command.take() {
+        return oidc_kms::cli::run(
+            command,
+            &mut std::io::stdout().lock(),
+            &mut std::io::stderr().lock(),
+        );
+    }
+    // The environment outranks the file: OIDC_KMS_KEK beats a kek-file named in --config.
+    if matches!(provenance.source("kek-file"), Source::File(_))
+        && std::env::var_os("OIDC_KMS_KEK").is_some()
+    {
+        cli.kek_file = None;
+    }
+    oidc_kms::logging::init(cli.log_format);
+    if let Err(e) = oidc_kms::metrics::install() {
+        tracing::warn!(error = %e, "metrics are disabled");
+    }
     let config = match check(cli) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("oidc-kms: invalid configuration: {e}");
+            eprintln!(
+                "oidc-kms: invalid configuration: {}",
+                provenance.explain(&e)
+            );
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -334,6 +502,15 @@ async fn run(config: Config) -> Result<(), Failure> {
         ),
         None => None,
     };
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))
+                .map_err(failure(EXIT_LISTEN))?,
+        ),
+        None => None,
+    };
 
     let (trigger, shutdown) = Shutdown::new();
     let (_, active) = manager.list_keys();
@@ -344,6 +521,14 @@ async fn run(config: Config) -> Result<(), Failure> {
         "key service ready"
     );
     let scheduler = tokio::spawn(manager.clone().run_scheduler(shutdown.clone().wait()));
+    oidc_kms::metrics::register_kms();
+    let metrics_task = metrics_listener.map(|l| {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(listen = %addr, "metrics at http://{addr}/metrics");
+        }
+        let scrape = oidc_kms::metrics::kms_scrape(manager.clone());
+        tokio::spawn(oidc_kms::metrics::serve(l, scrape, shutdown.clone()))
+    });
     let gateway_task = gateway_listener.map(|l| {
         let issuer = &manager.settings().issuer;
         let grpc_host = if config.listen.ip().is_unspecified() {
@@ -362,6 +547,7 @@ async fn run(config: Config) -> Result<(), Failure> {
             refresh_interval: Duration::from_secs(5),
             max_stale: Duration::from_secs(3600),
         };
+        oidc_kms::metrics::register_gateway();
         tokio::spawn(gateway::serve(l, config, shutdown.clone()))
     });
     let mut k8s_task = k8s_socket.map(|socket| {
@@ -375,6 +561,7 @@ async fn run(config: Config) -> Result<(), Failure> {
     let grpc = tokio::spawn(oidc_kms::grpc::server::serve(
         manager,
         listener,
+        config.transport.clone(),
         shutdown.clone().wait(),
     ));
     tokio::select! {
@@ -408,6 +595,9 @@ async fn run(config: Config) -> Result<(), Failure> {
     }
     if let Some(task) = k8s_task {
         // Removes the socket file once in-flight calls are answered.
+        let _ = task.await;
+    }
+    if let Some(task) = metrics_task {
         let _ = task.await;
     }
     Ok(())

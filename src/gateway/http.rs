@@ -1,5 +1,7 @@
-//! The HTTP side of the gateway: GET and HEAD of the two documents, conditional requests, health.
-//! Built on hyper directly: every answer is prepared bytes, so there is nothing for a framework to do.
+//! The HTTP side of the gateway: GET and HEAD of the two documents, conditional requests, health,
+//! and the Prometheus `/metrics`. Built on hyper directly: every answer is prepared bytes, so there
+//! is nothing for a framework to do. Each request runs in an `http` span with a request id (echoed
+//! in `x-request-id`) and is counted by path and status.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use tokio::net::TcpListener;
 
 use super::documents::Document;
 use super::refresh::GatewayState;
+use crate::logging::{self, REQUEST_ID_HEADER};
 use crate::shutdown::Shutdown;
 
 type Body = Full<Bytes>;
@@ -63,7 +66,7 @@ fn document(req: &Request<Incoming>, doc: &Document, cache_control: &str) -> Res
 pub fn respond(state: &GatewayState, req: &Request<Incoming>) -> Response<Body> {
     let path = req.uri().path();
     let docs = state.documents();
-    let known = matches!(path, "/healthz" | "/readyz")
+    let known = matches!(path, "/healthz" | "/readyz" | "/metrics")
         || docs.as_ref().is_some_and(|d| d.at(path).is_some());
     if known && req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = plain(
@@ -83,6 +86,7 @@ pub fn respond(state: &GatewayState, req: &Request<Incoming>) -> Response<Body> 
                 "not ready: the key set cannot be refreshed from the key service\n",
             );
         }
+        "/metrics" => return metrics(state),
         _ => {}
     }
     let Some(docs) = docs else {
@@ -95,6 +99,49 @@ pub fn respond(state: &GatewayState, req: &Request<Incoming>) -> Response<Body> 
         Some(doc) => document(req, doc, &docs.cache_control),
         None => plain(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+fn metrics(state: &GatewayState) -> Response<Body> {
+    crate::metrics::observe_gateway(state);
+    match crate::metrics::render() {
+        Some(text) => Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)
+            .body(Full::new(Bytes::from(text)))
+            .expect("valid response"),
+        None => plain(StatusCode::NOT_FOUND, "metrics are not enabled\n"),
+    }
+}
+
+/// The metric label of a request path: a path we serve, or `other` (labels stay bounded).
+fn path_label(state: &GatewayState, path: &str) -> String {
+    match path {
+        "/healthz" | "/readyz" | "/metrics" => path.to_owned(),
+        _ => state
+            .documents()
+            .and_then(|d| d.at(path).map(|doc| doc.path.clone()))
+            .unwrap_or_else(|| "other".to_owned()),
+    }
+}
+
+/// Answers one request in an `http` span carrying its request id, and counts the response.
+pub fn handle(state: &GatewayState, req: &Request<Incoming>) -> Response<Body> {
+    let request_id = logging::request_id(req.headers().get(REQUEST_ID_HEADER));
+    let path = path_label(state, req.uri().path());
+    let span = tracing::info_span!(
+        "http",
+        method = %req.method(),
+        path = %path,
+        request_id = %request_id,
+    );
+    let _in_span = span.enter();
+    let mut response = respond(state, req);
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    crate::metrics::record_gateway_response(&path, response.status());
+    tracing::debug!(status = response.status().as_u16(), "request served");
+    response
 }
 
 /// Accepts connections on `listener` until `shutdown`, then lets open requests finish.
@@ -116,7 +163,7 @@ pub async fn serve(listener: TcpListener, state: Arc<GatewayState>, shutdown: Sh
         let _ = stream.set_nodelay(true);
         let state = Arc::clone(&state);
         let service = service_fn(move |req: Request<Incoming>| {
-            let response = respond(&state, &req);
+            let response = handle(&state, &req);
             async move { Ok::<_, Infallible>(response) }
         });
         let conn = auto::Builder::new(TokioExecutor::new())

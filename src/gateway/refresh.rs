@@ -54,6 +54,15 @@ impl GatewayState {
             .map(|(d, _)| Arc::clone(d))
     }
 
+    /// How long ago the key set was last refreshed, and how many keys it holds; `None` before
+    /// the first refresh.
+    pub fn last_refresh(&self) -> Option<(Duration, usize)> {
+        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        current
+            .as_ref()
+            .map(|(docs, at)| (at.elapsed(), docs.kids.len()))
+    }
+
     /// Ready: the last refresh worked and there is a key set to serve.
     pub fn is_ready(&self) -> bool {
         self.refresh_ok.load(Ordering::Relaxed) && self.documents().is_some()
@@ -147,6 +156,7 @@ impl Refresher {
                     self.interval.min(hint)
                 }
                 Err(e) => {
+                    crate::metrics::record_refresh_error();
                     if self.state.mark_failed() || !failing {
                         tracing::warn!(kms = %self.url, error = %e, "cannot refresh the key set; serving the last good one");
                     }

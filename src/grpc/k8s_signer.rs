@@ -24,6 +24,9 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
+use super::audit::{self, AuditRecord};
+use super::caller::Caller;
+use super::deadline::deadline_of;
 use super::{k8s_v1, k8s_v1alpha1};
 use crate::clock::Timestamp;
 use crate::error::Error;
@@ -69,11 +72,44 @@ impl K8sSigner {
         K8sSigner { manager }
     }
 
-    async fn sign_claims(&self, claims: String) -> Result<ExternalSignature, Error> {
-        let manager = self.manager.clone();
-        tokio::task::spawn_blocking(move || manager.sign_encoded_claims_blocking(&claims))
+    /// Signs on the signing pool, and writes the audit record.
+    async fn sign_claims(
+        &self,
+        rpc: &str,
+        caller: &Caller,
+        claims: String,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<ExternalSignature, Status> {
+        let (sub, aud, jti, exp) = audit::claims_facts(&claims);
+        let started = std::time::Instant::now();
+        let result = self
+            .manager
+            .sign_encoded_claims(claims, deadline)
             .await
-            .map_err(|_| Error::ShuttingDown)?
+            .map_err(Status::from);
+        if let Ok(signed) = &result
+            && let Some(key) = self.manager.key_set().keyring.get(&signed.kid)
+        {
+            crate::metrics::record_signature(
+                key.spec.jws_algorithm(),
+                &signed.kid,
+                started.elapsed(),
+            );
+        }
+        let record = AuditRecord {
+            rpc,
+            kid: result.as_ref().ok().map(|s| s.kid.as_str()),
+            sub: sub.as_deref(),
+            aud,
+            jti: jti.as_deref(),
+            exp,
+        };
+        audit::record(
+            caller,
+            &record,
+            result.as_ref().map(|_| ()).map_err(Status::code),
+        );
+        result
     }
 
     fn key_snapshot(&self) -> Result<KeySnapshot, Error> {
@@ -109,14 +145,19 @@ impl K8sSigner {
 
 /// Implements one package version's generated service trait over [`K8sSigner`].
 macro_rules! external_jwt_signer {
-    ($pb:ident) => {
+    ($pb:ident, $package:literal) => {
         #[tonic::async_trait]
         impl $pb::external_jwt_signer_server::ExternalJwtSigner for K8sSigner {
             async fn sign(
                 &self,
                 request: Request<$pb::SignJwtRequest>,
             ) -> Result<Response<$pb::SignJwtResponse>, Status> {
-                let signed = self.sign_claims(request.into_inner().claims).await?;
+                let caller = Caller::of(&request);
+                let deadline = deadline_of(&request);
+                let rpc = concat!($package, ".ExternalJWTSigner/Sign");
+                let signed = self
+                    .sign_claims(rpc, &caller, request.into_inner().claims, deadline)
+                    .await?;
                 Ok(Response::new($pb::SignJwtResponse {
                     header: signed.header,
                     signature: signed.signature,
@@ -155,8 +196,8 @@ macro_rules! external_jwt_signer {
     };
 }
 
-external_jwt_signer!(k8s_v1alpha1);
-external_jwt_signer!(k8s_v1);
+external_jwt_signer!(k8s_v1alpha1, "v1alpha1");
+external_jwt_signer!(k8s_v1, "v1");
 
 /// The signer socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -316,6 +357,7 @@ pub async fn serve(
     let SignerSocket { listener, file } = socket;
     let signer = K8sSigner::new(manager);
     let served = Server::builder()
+        .layer(super::instrument::InstrumentLayer)
         .add_service(
             k8s_v1alpha1::external_jwt_signer_server::ExternalJwtSignerServer::new(signer.clone()),
         )

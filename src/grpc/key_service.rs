@@ -6,13 +6,16 @@ use prost_types::value::Kind;
 use serde_json::{Map, Number, Value};
 use tonic::{Request, Response, Status};
 
+use super::audit::{self, AuditRecord};
+use super::caller::Caller;
+use super::deadline::deadline_of;
 use super::pb;
 use crate::clock::Timestamp;
 use crate::error::Error;
 use crate::jwk::Jwk;
-use crate::key_manager::KeyManager;
+use crate::key_manager::{KeyManager, SignedToken};
 use crate::lifecycle::{KeyRecord, KeyState};
-use crate::token::TokenRequest;
+use crate::token::{MAX_CLAIMS_DEPTH, TokenRequest};
 
 /// The `KeyService` gRPC service.
 #[derive(Debug, Clone)]
@@ -25,11 +28,42 @@ impl KeyServiceApi {
     pub fn new(manager: KeyManager) -> Self {
         KeyServiceApi { manager }
     }
+
+    async fn sign(
+        &self,
+        r: &pb::SignTokenRequest,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<SignedToken, Status> {
+        let lifetime = match r.lifetime_seconds {
+            0 => None,
+            n => Some(seconds("lifetime_seconds", n)?),
+        };
+        let extra_claims = match &r.claims {
+            Some(s) => struct_to_map("claims", s.clone(), 1)?,
+            None => Map::new(),
+        };
+        let request = TokenRequest {
+            subject: r.subject.clone(),
+            audiences: r.audiences.clone(),
+            lifetime,
+            extra_claims,
+        };
+        let started = std::time::Instant::now();
+        let signed = self.manager.sign_token(request, deadline).await?;
+        crate::metrics::record_signature(signed.alg, &signed.kid, started.elapsed());
+        Ok(signed)
+    }
 }
 
 /// Converts a protobuf `Value` to JSON. Whole numbers become JSON integers (so a claim such as
 /// `{"n": 5}` stays `5`, not `5.0`); non-finite numbers are refused.
-fn to_json(field: &str, value: prost_types::Value) -> Result<Value, Error> {
+fn to_json(field: &str, value: prost_types::Value, depth: usize) -> Result<Value, Error> {
+    if depth > MAX_CLAIMS_DEPTH {
+        return Err(Error::invalid(
+            "claims",
+            format!("nested deeper than {MAX_CLAIMS_DEPTH} levels"),
+        ));
+    }
     Ok(match value.kind {
         None | Some(Kind::NullValue(_)) => Value::Null,
         Some(Kind::BoolValue(b)) => Value::Bool(b),
@@ -44,23 +78,27 @@ fn to_json(field: &str, value: prost_types::Value) -> Result<Value, Error> {
                 )
             }
         }
-        Some(Kind::StructValue(s)) => Value::Object(struct_to_map(field, s)?),
+        Some(Kind::StructValue(s)) => Value::Object(struct_to_map(field, s, depth + 1)?),
         Some(Kind::ListValue(l)) => Value::Array(
             l.values
                 .into_iter()
                 .enumerate()
-                .map(|(i, v)| to_json(&format!("{field}[{i}]"), v))
+                .map(|(i, v)| to_json(&format!("{field}[{i}]"), v, depth + 1))
                 .collect::<Result<_, _>>()?,
         ),
     })
 }
 
-fn struct_to_map(field: &str, s: prost_types::Struct) -> Result<Map<String, Value>, Error> {
+fn struct_to_map(
+    field: &str,
+    s: prost_types::Struct,
+    depth: usize,
+) -> Result<Map<String, Value>, Error> {
     s.fields
         .into_iter()
         .map(|(k, v)| {
             let path = format!("{field}.{k}");
-            Ok((k, to_json(&path, v)?))
+            Ok((k, to_json(&path, v, depth)?))
         })
         .collect()
 }
@@ -120,24 +158,27 @@ impl pb::key_service_server::KeyService for KeyServiceApi {
         &self,
         request: Request<pb::SignTokenRequest>,
     ) -> Result<Response<pb::SignTokenResponse>, Status> {
+        let caller = Caller::of(&request);
+        let deadline = deadline_of(&request);
         let r = request.into_inner();
-        let lifetime = match r.lifetime_seconds {
-            0 => None,
-            n => Some(seconds("lifetime_seconds", n)?),
+        let audit_aud = r.audiences.join(",");
+        let mut audit = AuditRecord {
+            rpc: "oidckms.v1.KeyService/SignToken",
+            sub: Some(&r.subject),
+            aud: Some(audit_aud),
+            ..AuditRecord::default()
         };
-        let extra_claims = match r.claims {
-            Some(s) => struct_to_map("claims", s)?,
-            None => Map::new(),
-        };
-        let signed = self
-            .manager
-            .sign_token(TokenRequest {
-                subject: r.subject,
-                audiences: r.audiences,
-                lifetime,
-                extra_claims,
-            })
-            .await?;
+        let result = self.sign(&r, deadline).await;
+        match &result {
+            Ok(t) => {
+                audit.kid = Some(&t.kid);
+                audit.jti = Some(&t.jti);
+                audit.exp = Some(t.expires_at);
+                audit::record(&caller, &audit, Ok(()));
+            }
+            Err(status) => audit::record(&caller, &audit, Err(status.code())),
+        }
+        let signed = result?;
         Ok(Response::new(pb::SignTokenResponse {
             token: signed.token,
             key_id: signed.kid,
@@ -150,11 +191,26 @@ impl pb::key_service_server::KeyService for KeyServiceApi {
         &self,
         request: Request<pb::RotateKeysRequest>,
     ) -> Result<Response<pb::RotateKeysResponse>, Status> {
-        let prepublish = seconds(
+        let caller = Caller::of(&request);
+        let mut audit = AuditRecord {
+            rpc: "oidckms.v1.KeyService/RotateKeys",
+            ..AuditRecord::default()
+        };
+        let result = match seconds(
             "prepublish_seconds",
             request.into_inner().prepublish_seconds,
-        )?;
-        let rotation = self.manager.rotate(prepublish).await?;
+        ) {
+            Ok(prepublish) => self.manager.rotate(prepublish).await.map_err(Status::from),
+            Err(e) => Err(Status::from(e)),
+        };
+        match &result {
+            Ok(r) => {
+                audit.kid = Some(&r.new_kid);
+                audit::record(&caller, &audit, Ok(()));
+            }
+            Err(status) => audit::record(&caller, &audit, Err(status.code())),
+        }
+        let rotation = result?;
         Ok(Response::new(pb::RotateKeysResponse {
             active_key_id: rotation.active_kid,
             keys: rotation.keys.iter().map(key_info).collect(),
@@ -198,9 +254,11 @@ mod tests {
 
     #[test]
     fn whole_numbers_stay_integers_and_non_finite_is_refused() {
-        assert_eq!(to_json("c", num(5.0)).unwrap(), serde_json::json!(5));
-        assert_eq!(to_json("c", num(0.5)).unwrap(), serde_json::json!(0.5));
-        let err = to_json("claims.x", num(f64::NAN)).unwrap_err().to_string();
+        assert_eq!(to_json("c", num(5.0), 1).unwrap(), serde_json::json!(5));
+        assert_eq!(to_json("c", num(0.5), 1).unwrap(), serde_json::json!(0.5));
+        let err = to_json("claims.x", num(f64::NAN), 1)
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("claims.x"), "{err}");
     }
 }

@@ -2,12 +2,19 @@
 //! [`KeyManager`](crate::key_manager::KeyManager), the one place errors become statuses, and the
 //! server that registers health and reflection next to it. [`k8s_signer`] serves the Kubernetes
 //! external JWT signer (generated code in [`k8s_v1alpha1`] and [`k8s_v1`]) on a Unix socket.
+//! [`tls`] secures the listener with mutual TLS and [`access`] decides who may call what.
+//! [`instrument`] gives every call a span with a request id, and counts and times it.
 
+pub mod access;
+pub mod audit;
 pub mod caller;
+pub mod deadline;
+pub mod instrument;
 pub mod k8s_signer;
 pub mod key_service;
 pub mod server;
 pub mod status;
+pub mod tls;
 
 /// Generated protobuf and gRPC code for `oidckms.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -13,6 +13,8 @@ impl From<Error> for Status {
             Error::Lifecycle(LifecycleError::RotationPending { .. }) => Code::FailedPrecondition,
             Error::Lifecycle(LifecycleError::Inconsistent(_)) => Code::Internal,
             Error::NoActiveKey | Error::ShuttingDown => Code::Unavailable,
+            Error::Overloaded { .. } => Code::ResourceExhausted,
+            Error::DeadlineExceeded => Code::DeadlineExceeded,
             Error::Store(StoreError::Io { .. }) => {
                 return Status::unavailable(format!(
                     "{err}; nothing was changed and the current key keeps signing"

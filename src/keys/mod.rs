@@ -1,6 +1,7 @@
 //! Key material: what a key is ([`KeySpec`], [`PublicKey`]), how it may be used ([`Signer`]), how it
 //! is sealed at rest ([`Kek`], [`seal`]) and where it lives ([`KeyStore`] and its backends).
 
+pub mod crypto;
 pub mod file_store;
 pub mod kek;
 pub mod public_key;

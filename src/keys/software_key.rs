@@ -1,18 +1,19 @@
-//! A private key held in process memory and signed with ring. It is created from (and generated as)
+//! A private key held in process memory and signed with the crypto backend ([`super::crypto`]:
+//! ring by default, aws-lc-rs with the `aws-lc` feature). It is created from (and generated as)
 //! PKCS#8, which only ever lives in zeroizing buffers on its way to or from the sealer.
 
-use ring::rand::SystemRandom;
-use ring::signature::{
-    self, ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair,
-    KeyPair as _, RsaKeyPair, RsaPublicKeyComponents,
-};
-use rsa::pkcs8::EncodePrivateKey as _;
 use zeroize::Zeroizing;
 
+use super::crypto::{self, backend};
 use super::public_key::{PublicKey, PublicParams};
 use super::signer::{SignError, Signer};
 use super::spec::KeySpec;
 use super::spki;
+use backend::rand::SystemRandom;
+use backend::signature::{
+    self, ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair,
+    KeyPair as _, RsaKeyPair, RsaPublicKeyComponents,
+};
 
 /// Making or loading a key failed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -30,7 +31,7 @@ enum KeyPair {
     Ec(EcdsaKeyPair),
 }
 
-/// A ring-backed private key.
+/// A private key held by the crypto backend.
 pub struct SoftwareKey {
     pair: KeyPair,
     public: PublicKey,
@@ -60,12 +61,7 @@ impl SoftwareKey {
     pub fn generate(spec: KeySpec) -> Result<(Self, Zeroizing<Vec<u8>>), KeyError> {
         let pkcs8 = match spec {
             KeySpec::Rsa(bits) => {
-                // ring cannot generate RSA keys; the rsa crate does, and hands over PKCS#8 only.
-                let mut rng = rsa::rand_core::OsRng;
-                let key = rsa::RsaPrivateKey::new(&mut rng, bits as usize)
-                    .map_err(|_| KeyError::Generate(spec))?;
-                let doc = key.to_pkcs8_der().map_err(|_| KeyError::Generate(spec))?;
-                Zeroizing::new(doc.as_bytes().to_vec())
+                crypto::generate_rsa_pkcs8(bits).ok_or(KeyError::Generate(spec))?
             }
             KeySpec::P256 | KeySpec::P384 => {
                 let doc = EcdsaKeyPair::generate_pkcs8(ec_alg(spec), &SystemRandom::new())
@@ -79,21 +75,20 @@ impl SoftwareKey {
 
     /// Loads a key from PKCS#8.
     pub fn from_pkcs8(spec: KeySpec, pkcs8: &[u8]) -> Result<Self, KeyError> {
-        let rng = SystemRandom::new();
         let (pair, public) = match spec {
             KeySpec::Rsa(bits) => {
                 let pair = RsaKeyPair::from_pkcs8(pkcs8).map_err(|_| KeyError::Invalid(spec))?;
-                if pair.public().modulus_len() * 8 != bits as usize {
+                if pair.public_key().modulus_len() * 8 != bits as usize {
                     return Err(KeyError::Invalid(spec));
                 }
-                let components = RsaPublicKeyComponents::<Vec<u8>>::from(pair.public());
+                let components = RsaPublicKeyComponents::<Vec<u8>>::from(pair.public_key());
                 let (n, e) = (components.n, components.e);
-                let spki = spki::rsa(pair.public().as_ref());
+                let spki = spki::rsa(pair.public_key().as_ref());
                 let public = PublicKey::new(spec, spki, PublicParams::Rsa { n, e });
                 (KeyPair::Rsa(pair), public)
             }
             KeySpec::P256 | KeySpec::P384 => {
-                let pair = EcdsaKeyPair::from_pkcs8(ec_alg(spec), pkcs8, &rng)
+                let pair = crypto::ecdsa_from_pkcs8(ec_alg(spec), pkcs8)
                     .map_err(|_| KeyError::Invalid(spec))?;
                 let point = pair.public_key().as_ref();
                 let width = (point.len() - 1) / 2;
@@ -104,7 +99,11 @@ impl SoftwareKey {
                 (KeyPair::Ec(pair), public)
             }
         };
-        Ok(SoftwareKey { pair, public, rng })
+        Ok(SoftwareKey {
+            pair,
+            public,
+            rng: SystemRandom::new(),
+        })
     }
 }
 
@@ -119,7 +118,7 @@ impl Signer for SoftwareKey {
         };
         match &self.pair {
             KeyPair::Rsa(pair) => {
-                let mut sig = vec![0u8; pair.public().modulus_len()];
+                let mut sig = vec![0u8; pair.public_key().modulus_len()];
                 pair.sign(&signature::RSA_PKCS1_SHA256, &self.rng, message, &mut sig)
                     .map_err(|_| failed())?;
                 Ok(sig)
@@ -135,7 +134,7 @@ impl Signer for SoftwareKey {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ring::signature::UnparsedPublicKey;
+    use backend::signature::UnparsedPublicKey;
 
     #[test]
     fn ec_keys_sign_in_jose_form_and_verify() {

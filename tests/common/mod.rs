@@ -24,6 +24,13 @@ pub fn gateway_bin() -> &'static str {
     env!("CARGO_BIN_EXE_oidc-gateway")
 }
 
+/// A random number in `range` (tests need no better randomness than this).
+pub fn random_in(range: std::ops::Range<u64>) -> u64 {
+    let mut b = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).unwrap();
+    range.start + u64::from_le_bytes(b) % (range.end - range.start)
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -251,6 +258,11 @@ impl Kms {
     pub fn restart(&mut self) {
         let status = self.proc.terminate();
         assert!(status.success(), "clean exit on SIGTERM: {status}");
+        self.restart_after_kill();
+    }
+
+    /// Starts the service again on the same port, data and KEK (after it died or was killed).
+    pub fn restart_after_kill(&mut self) {
         let extra = self.extra.clone();
         let log = self
             .data_dir
