@@ -85,9 +85,10 @@ fn verify(key: &dyn Signer, message: &[u8], sig: &[u8]) -> bool {
 /// party would: a third implementation, independent of both backends.
 fn relying_party_accepts(key: &dyn Signer, jws: &str) -> bool {
     use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode};
-    let jwk: jsonwebtoken::jwk::Jwk =
-        serde_json::from_value(serde_json::to_value(Jwk::from_public_key(key.public_key())).unwrap())
-            .unwrap();
+    let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(
+        serde_json::to_value(Jwk::from_public_key(key.public_key())).unwrap(),
+    )
+    .unwrap();
     let alg = match key.public_key().spec() {
         KeySpec::Rsa(_) => Algorithm::RS256,
         KeySpec::P256 => Algorithm::ES256,
@@ -118,7 +119,10 @@ fn every_key_type_signs_verifies_and_keeps_its_kid_across_pkcs8() {
         assert_eq!(key.kid(), kid_of(key.public_key().spki_der()), "{spec}");
 
         let header = token::encoded_header(spec.jws_algorithm(), key.kid());
-        let input = format!("{header}.{}", URL_SAFE_NO_PAD.encode(br#"{"sub":"conformance"}"#));
+        let input = format!(
+            "{header}.{}",
+            URL_SAFE_NO_PAD.encode(br#"{"sub":"conformance"}"#)
+        );
         let sig = key.sign(input.as_bytes()).unwrap();
         assert_eq!(sig.len(), jose_len(spec), "{spec}: JOSE signature size");
         assert!(verify(&key, input.as_bytes(), &sig), "{spec}: verifies");
@@ -133,7 +137,10 @@ fn every_key_type_signs_verifies_and_keeps_its_kid_across_pkcs8() {
         assert_eq!(again.kid(), key.kid(), "{spec}: kid survives PKCS#8");
         assert_eq!(again.public_key(), key.public_key());
         let sig = again.sign(input.as_bytes()).unwrap();
-        assert!(verify(&key, input.as_bytes(), &sig), "{spec}: reloaded key signs");
+        assert!(
+            verify(&key, input.as_bytes(), &sig),
+            "{spec}: reloaded key signs"
+        );
     }
 }
 
@@ -186,5 +193,8 @@ fn keys_of_another_type_or_size_are_refused() {
 fn debug_output_never_shows_the_private_key() {
     let key = SoftwareKey::from_pkcs8(KeySpec::Rsa(2048), RSA2048_PKCS8).unwrap();
     let text = format!("{key:?}");
-    assert!(text.contains("[redacted]") && text.contains(RSA2048_KID), "{text}");
+    assert!(
+        text.contains("[redacted]") && text.contains(RSA2048_KID),
+        "{text}"
+    );
 }

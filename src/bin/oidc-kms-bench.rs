@@ -71,6 +71,44 @@ struct Args {
     /// gRPC connections the clients share (default: one per client, at most 64).
     #[arg(long)]
     connections: Option<usize>,
+
+    /// Worker threads of this process's load generator (default: one per core).
+    #[arg(long)]
+    client_threads: Option<usize>,
+
+    /// Extra environment for the key service and the gateway, `NAME=VALUE` (repeatable), for
+    /// experiments such as `TOKIO_WORKER_THREADS=1`.
+    #[arg(long, value_parser = parse_env)]
+    service_env: Vec<(String, String)>,
+
+    /// Measure only these parts (repeatable; default: all). Ratios of parts not measured are null.
+    #[arg(long, value_enum)]
+    only: Vec<Part>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
+}
+
+/// The parts of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    /// Raw RS256 signatures and SignToken with an RSA-2048 key.
+    Rs256,
+    /// Raw ES256 signatures, SignToken with a P-256 key, and the empty RPC.
+    Es256,
+    /// The gateway and the nginx baseline.
+    Gateway,
+}
+
+/// What to measure on a key service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Measure {
+    Nothing,
+    Sign,
+    SignAndEmpty,
 }
 
 /// gRPC client counts.
@@ -83,7 +121,9 @@ const AUDIENCE: &str = "api://AzureADTokenExchange";
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_threads.unwrap_or(cores).max(1))
         .enable_all()
         .build()?;
     let result = runtime.block_on(run(&args));
@@ -175,8 +215,26 @@ fn round(x: f64, digits: i32) -> f64 {
     (x * f).round() / f
 }
 
-fn ratio(a: f64, b: f64) -> f64 {
-    round(a / b, 3)
+/// `a / b`, when both were measured.
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    Some(round(a? / b?, 3)).filter(|r| r.is_finite())
+}
+
+/// The services run with their default settings (logs at `info`, so one audit line per token, as
+/// deployed; `RUST_LOG` is passed on): no `OIDC_*` variable of the caller's may change them.
+trait EnvClearOidc {
+    fn env_clear_oidc(&mut self) -> &mut Self;
+}
+
+impl EnvClearOidc for Command {
+    fn env_clear_oidc(&mut self) -> &mut Self {
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("OIDC_") {
+                self.env_remove(name);
+            }
+        }
+        self
+    }
 }
 
 /// The child processes this run started, stopped (SIGTERM, then SIGKILL) however the run ends.
@@ -379,6 +437,7 @@ struct Setup {
     warmup: Duration,
     connections: Option<usize>,
     cores: usize,
+    service_env: Vec<(String, String)>,
 }
 
 async fn run(args: &Args) -> anyhow::Result<()> {
@@ -397,6 +456,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         seconds: Duration::from_secs_f64(seconds),
         warmup: Duration::from_secs_f64((seconds / 5.0).min(1.0)),
         connections: args.connections,
+        service_env: args.service_env.clone(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     let kek_file = setup.scratch.0.join("kek.b64");
@@ -426,85 +486,119 @@ async fn run(args: &Args) -> anyhow::Result<()> {
 
     let gateway_port = free_port()?;
     let issuer = format!("http://127.0.0.1:{gateway_port}/");
+    let want = |part: Part| args.only.is_empty() || args.only.contains(&part);
 
-    // RS256-2048.
-    let rs = signing_suite(&setup, &mut children, "RS256", &issuer, false).await?;
-    // ES256, with the empty-RPC ceiling, and the gateway in front of this key service.
-    let es = signing_suite(&setup, &mut children, "ES256", &issuer, true).await?;
-    let kms_peak = rs.peak_rss_mb.max(es.peak_rss_mb);
+    let rs = match want(Part::Rs256) {
+        true => Some(signing_suite(&setup, &mut children, "RS256", &issuer, Measure::Sign).await?),
+        false => None,
+    };
+    // ES256 with the empty-RPC ceiling; this key service stays up for the gateway.
+    let es = match (want(Part::Es256), want(Part::Gateway)) {
+        (true, _) => Some(Measure::SignAndEmpty),
+        (false, true) => Some(Measure::Nothing),
+        (false, false) => None,
+    };
+    let es = match es {
+        Some(measure) => {
+            Some(signing_suite(&setup, &mut children, "ES256", &issuer, measure).await?)
+        }
+        None => None,
+    };
 
-    println!("gateway: JWKS GET over {HTTP_CONNECTIONS} keep-alive connections");
-    let gw_log = setup.scratch.0.join("gateway.log");
-    let gw_pid = children.spawn(
-        "oidc-gateway",
-        Command::new(&setup.gateway_bin)
-            .arg("--kms")
-            .arg(format!("http://{}", es.addr))
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{gateway_port}"))
-            .env("RUST_LOG", "warn"),
-        &gw_log,
-    )?;
-    let gw_addr: SocketAddr = ([127, 0, 0, 1], gateway_port).into();
-    let jwks_path = "/openid/v1/jwks";
-    let jwks = wait_for_http(&mut children, gw_pid, &gw_log, gw_addr, jwks_path).await?;
-    let gateway = http_load(gw_addr, jwks_path, jwks.len(), &setup, gw_pid).await;
-    println!("{}", gateway.line("oidc-gateway"));
-    let gateway_peak = peak_rss_mb(gw_pid).unwrap_or(f64::NAN);
-    // The gateway polls the key service: make sure both are still up before reading the figures.
-    children.check_alive(gw_pid, &gw_log)?;
-
-    let nginx = match find_nginx(args) {
-        Some(bin) => match nginx_baseline(&bin, &setup, &mut children, &jwks).await {
-            Ok(load) => {
-                println!("{}", load.line("nginx (static file, same bytes)"));
-                Some(load)
-            }
-            Err(e) => {
-                println!("  nginx baseline skipped: {e:#}");
+    let (mut gateway, mut gateway_peak, mut nginx) = (None, None, None);
+    if let Some(es) = es.as_ref().filter(|_| want(Part::Gateway)) {
+        println!("gateway: JWKS GET over {HTTP_CONNECTIONS} keep-alive connections");
+        let gw_log = setup.scratch.0.join("gateway.log");
+        let gw_pid = children.spawn(
+            "oidc-gateway",
+            Command::new(&setup.gateway_bin)
+                .arg("--kms")
+                .arg(format!("http://{}", es.addr))
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{gateway_port}"))
+                .env_clear_oidc()
+                .envs(setup.service_env.iter().cloned()),
+            &gw_log,
+        )?;
+        let gw_addr: SocketAddr = ([127, 0, 0, 1], gateway_port).into();
+        let jwks_path = "/openid/v1/jwks";
+        let jwks = wait_for_http(&mut children, gw_pid, &gw_log, gw_addr, jwks_path).await?;
+        let load = http_load(gw_addr, jwks_path, jwks.len(), &setup, gw_pid).await;
+        println!("{}", load.line("oidc-gateway"));
+        gateway_peak = peak_rss_mb(gw_pid);
+        // The gateway polls the key service: both must still be up for the figures to count.
+        children.check_alive(gw_pid, &gw_log)?;
+        gateway = Some(load);
+        nginx = match find_nginx(args) {
+            Some(bin) => match nginx_baseline(&bin, &setup, &mut children, &jwks).await {
+                Ok(load) => {
+                    println!("{}", load.line("nginx (static file, same bytes)"));
+                    Some(load)
+                }
+                Err(e) => {
+                    println!("  nginx baseline skipped: {e:#}");
+                    None
+                }
+            },
+            None => {
+                println!(
+                    "  nginx baseline skipped: nginx is not installed (apt-get install nginx)"
+                );
                 None
             }
-        },
-        None => {
-            println!("  nginx baseline skipped: nginx is not installed (apt-get install nginx)");
-            None
-        }
-    };
-    children.stop(gw_pid);
-    children.stop(es.pid);
+        };
+        children.stop(gw_pid);
+    }
+    if let Some(es) = &es {
+        children.stop(es.pid);
+    }
 
+    let kms_peak = [&rs, &es]
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.peak_rss_mb)
+        .reduce(f64::max);
     println!(
-        "peak resident memory: key service {kms_peak:.1} MiB (RS256 run {:.1}, ES256 run {:.1}), gateway {gateway_peak:.1} MiB",
-        rs.peak_rss_mb, es.peak_rss_mb
+        "peak resident memory: key service {} MiB (RS256 run {}, ES256 run {}), gateway {} MiB",
+        mb(kms_peak),
+        mb(rs.as_ref().and_then(|s| s.peak_rss_mb)),
+        mb(es.as_ref().and_then(|s| s.peak_rss_mb)),
+        mb(gateway_peak),
     );
 
-    let empty = es.empty.as_ref().expect("measured on the ES256 server");
-    let best = |loads: &[(usize, Load)]| loads.iter().map(|(_, l)| l.rate()).fold(0.0, f64::max);
-    let empty_best = best(empty);
+    let best = |loads: &[(usize, Load)]| loads.iter().map(|(_, l)| l.rate()).reduce(f64::max);
+    let raw = |s: &Option<SigningSuite>| s.as_ref().and_then(|s| s.raw);
+    let sign = |s: &Option<SigningSuite>| s.as_ref().and_then(|s| best(&s.sign));
+    let empty = es.as_ref().and_then(|s| best(&s.empty));
+    let per_s = |x: Option<f64>| x.map(|x| round(x, 0));
     let summary = json!({
         "backend": BACKEND,
         "cores": setup.cores,
         "seconds_per_measurement": seconds,
         "load_average_at_start": loadavg,
-        "rs256_raw_per_s": round(rs.raw, 0),
-        "rs256_grpc_per_s": round(best(&rs.sign), 0),
-        "es256_raw_per_s": round(es.raw, 0),
-        "es256_grpc_per_s": round(best(&es.sign), 0),
-        "empty_rpc_per_s": round(empty_best, 0),
-        "rs256_grpc": by_clients(&rs.sign),
-        "es256_grpc": by_clients(&es.sign),
-        "empty_rpc": by_clients(empty),
-        "gateway": gateway.json(),
+        "rs256_raw_per_s": per_s(raw(&rs)),
+        "rs256_grpc_per_s": per_s(sign(&rs)),
+        "es256_raw_per_s": per_s(raw(&es)),
+        "es256_grpc_per_s": per_s(sign(&es)),
+        "empty_rpc_per_s": per_s(empty),
+        "rs256_grpc": rs.as_ref().map(|s| by_clients(&s.sign)),
+        "es256_grpc": es.as_ref().map(|s| by_clients(&s.sign)),
+        "empty_rpc": es.as_ref().map(|s| by_clients(&s.empty)),
+        "gateway": gateway.as_ref().map(Load::json),
         "nginx": nginx.as_ref().map(Load::json),
-        "rs256_grpc_vs_raw": ratio(best(&rs.sign), rs.raw),
-        "es256_grpc_vs_raw": ratio(best(&es.sign), es.raw),
-        "es256_grpc_vs_empty_rpc": ratio(best(&es.sign), empty_best),
-        "gateway_vs_nginx": nginx.as_ref().map(|n| ratio(gateway.rate(), n.rate())),
+        "rs256_grpc_vs_raw": ratio(sign(&rs), raw(&rs)),
+        "es256_grpc_vs_raw": ratio(sign(&es), raw(&es)),
+        "es256_grpc_vs_empty_rpc": ratio(sign(&es), empty),
+        "gateway_vs_nginx": ratio(gateway.as_ref().map(Load::rate), nginx.as_ref().map(Load::rate)),
         "kms_peak_rss_mb": kms_peak,
         "gateway_peak_rss_mb": gateway_peak,
     });
     println!("{summary}");
     Ok(())
+}
+
+fn mb(x: Option<f64>) -> String {
+    x.map_or_else(|| "-".to_owned(), |x| format!("{x:.1}"))
 }
 
 /// The one-minute load average before the run: other work on the machine skews every figure.
@@ -534,27 +628,30 @@ fn write_private(path: &Path, text: String) -> anyhow::Result<()> {
 
 /// What one algorithm's run measured.
 struct SigningSuite {
-    raw: f64,
+    raw: Option<f64>,
     sign: Vec<(usize, Load)>,
-    empty: Option<Vec<(usize, Load)>>,
-    peak_rss_mb: f64,
+    empty: Vec<(usize, Load)>,
+    peak_rss_mb: Option<f64>,
     /// The key service, still running (the gateway uses the last one).
     pid: u32,
     addr: SocketAddr,
 }
 
-/// Starts a key service making `alg` keys, measures the raw backend rate over a payload the size
-/// of its tokens' signing input, then SignToken (and, with `empty`, the empty RPC) at each client
-/// count. The ES256 key service is left running for the gateway; the RS256 one is stopped.
+/// Starts a key service making `alg` keys and measures, as `measure` says, the raw backend rate
+/// over a payload the size of its tokens' signing input, then SignToken (and the empty RPC) at
+/// each client count. With the empty RPC (or nothing) measured, the key service is left running
+/// for the gateway; otherwise it is stopped.
 async fn signing_suite(
     setup: &Setup,
     children: &mut Children,
     alg: &str,
     issuer: &str,
-    keep_running_and_measure_empty: bool,
+    measure: Measure,
 ) -> anyhow::Result<SigningSuite> {
     let spec = KeySpec::from_algorithm(alg, 2048).map_err(anyhow::Error::msg)?;
-    println!("{spec}:");
+    if measure != Measure::Nothing {
+        println!("{spec}:");
+    }
     let port = free_port()?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let data_dir = setup.scratch.0.join(format!("kms-{alg}"));
@@ -574,14 +671,22 @@ async fn signing_suite(
             .arg(alg)
             .arg("--rotation-period")
             .arg("off")
-            .env_remove("OIDC_KMS_KEK")
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or("warn".into()),
-            ),
+            .env_clear_oidc()
+            .envs(setup.service_env.iter().cloned()),
         &log,
     )?;
     let channels = connect(children, pid, &log, addr, setup).await?;
+    let mut suite = SigningSuite {
+        raw: None,
+        sign: Vec::new(),
+        empty: Vec::new(),
+        peak_rss_mb: None,
+        pid,
+        addr,
+    };
+    if measure == Measure::Nothing {
+        return Ok(suite);
+    }
 
     // The raw limit, over the same payload size, on an idle machine (the key service waits).
     let sample = sign_once(&channels[0]).await?;
@@ -592,41 +697,30 @@ async fn signing_suite(
         format!("raw {BACKEND} signatures"),
         setup.cores
     );
+    suite.raw = Some(raw);
 
-    let mut sign = Vec::new();
     for clients in CLIENTS {
         let load = grpc_load(&channels, clients, Op::SignToken, setup, pid).await;
         println!("{}", load.line(&format!("SignToken, {clients} clients")));
-        sign.push((clients, load));
+        suite.sign.push((clients, load));
     }
-    let empty = if keep_running_and_measure_empty {
-        let mut empty = Vec::new();
+    if measure == Measure::SignAndEmpty {
         for clients in CLIENTS {
             let load = grpc_load(&channels, clients, Op::Empty, setup, pid).await;
             println!(
                 "{}",
                 load.line(&format!("empty RPC (Health/Check), {clients} clients"))
             );
-            empty.push((clients, load));
+            suite.empty.push((clients, load));
         }
-        Some(empty)
-    } else {
-        None
-    };
+    }
     children.check_alive(pid, &log)?;
-    let peak_rss_mb = peak_rss_mb(pid).unwrap_or(f64::NAN);
+    suite.peak_rss_mb = peak_rss_mb(pid);
     drop(channels);
-    if !keep_running_and_measure_empty {
+    if measure == Measure::Sign {
         children.stop(pid);
     }
-    Ok(SigningSuite {
-        raw,
-        sign,
-        empty,
-        peak_rss_mb,
-        pid,
-        addr,
-    })
+    Ok(suite)
 }
 
 /// Connects the clients' channels once the key service answers health checks.
