@@ -4,10 +4,9 @@
 //! RESOURCE_EXHAUSTED) instead of waiting without bound, and a request whose deadline passed while
 //! it queued is dropped unsigned.
 
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
+use crossbeam_channel::{Sender, TrySendError};
 use tokio::sync::oneshot;
 
 use crate::error::Error;
@@ -17,7 +16,7 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 /// A bounded pool of signing threads.
 #[derive(Debug, Clone)]
 pub struct SigningPool {
-    queue: SyncSender<Job>,
+    queue: Sender<Job>,
     workers: usize,
     capacity: usize,
 }
@@ -36,20 +35,18 @@ impl SigningPool {
     /// `workers` threads and room for `capacity` waiting jobs.
     pub fn new(workers: usize, capacity: usize) -> Self {
         let workers = workers.max(1);
-        let (tx, rx) = mpsc::sync_channel::<Job>(capacity);
-        // The receiver is shared by the workers; each holds the lock only to take one job.
-        let rx: Arc<Mutex<Receiver<Job>>> = Arc::new(Mutex::new(rx));
+        // A multi-consumer queue: every worker takes the next job without a shared lock, and a
+        // worker that finds it empty spins briefly before it parks, so under load a job rarely
+        // waits for a thread to wake up.
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(capacity);
         for i in 0..workers {
-            let rx = Arc::clone(&rx);
+            let rx = rx.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("oidc-kms-sign-{i}"))
                 .spawn(move || {
-                    loop {
-                        let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
-                        match job {
-                            Ok(job) => job(),
-                            Err(_) => return, // every sender dropped: the pool is gone
-                        }
+                    // Ends when every sender is dropped: the pool is gone.
+                    for job in rx {
+                        job();
                     }
                 });
             if let Err(e) = spawned {
@@ -106,6 +103,7 @@ impl SigningPool {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
     #[tokio::test]

@@ -174,15 +174,16 @@ pub fn new_jti(rng: &SystemRandom) -> Result<String, Error> {
     rng.fill(&mut b).map_err(|_| Error::ShuttingDown)?;
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    Ok(format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    ))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut jti = String::with_capacity(36);
+    for (i, x) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            jti.push('-');
+        }
+        jti.push(char::from(HEX[usize::from(x >> 4)]));
+        jti.push(char::from(HEX[usize::from(x & 0x0f)]));
+    }
+    Ok(jti)
 }
 
 /// `header.payload`, the bytes a JWS signature covers.
@@ -435,8 +436,23 @@ mod tests {
     fn jti_is_a_v4_uuid_and_unique() {
         let rng = SystemRandom::new();
         let a = new_jti(&rng).unwrap();
-        assert_eq!(a.len(), 36);
-        assert_eq!(&a[14..15], "4");
+        let groups: Vec<&str> = a.split('-').collect();
+        assert_eq!(
+            groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12],
+            "{a}"
+        );
+        assert!(
+            groups
+                .iter()
+                .all(|g| g.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))),
+            "{a}"
+        );
+        assert!(groups[2].starts_with('4'), "version 4: {a}");
+        assert!(
+            groups[3].starts_with(['8', '9', 'a', 'b']),
+            "RFC 4122 variant: {a}"
+        );
         assert_ne!(a, new_jti(&rng).unwrap());
     }
 }

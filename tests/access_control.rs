@@ -259,7 +259,7 @@ fn the_policy_decides_who_may_call_what() {
         })
     };
     assert!(audited("SignToken", "ok"), "{log}");
-    assert!(audited("RotateKeys", "PermissionDenied"), "{log}");
+    assert!(audited("RotateKeys", "PERMISSION_DENIED"), "{log}");
 }
 
 #[test]

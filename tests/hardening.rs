@@ -393,7 +393,7 @@ fn every_signature_and_rotation_leaves_an_audit_record_without_the_token() {
         assert!(signed.contains(&field), "missing {field}: {signed}");
     }
     assert!(
-        audit.iter().any(|l| l.contains("outcome=InvalidArgument")),
+        audit.iter().any(|l| l.contains("outcome=INVALID_ARGUMENT")),
         "{log}"
     );
     assert!(

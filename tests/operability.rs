@@ -287,11 +287,25 @@ fn json_logs_carry_an_rpc_span_with_a_request_id_and_no_secrets() {
                 && l["span"]["rpc"] == "oidckms.v1.KeyService/SignToken"
         })
     };
-    let ok = finished("req-ops-1").unwrap_or_else(|| panic!("no rpc span for req-ops-1:\n{log}"));
-    assert_eq!(ok["code"], "OK");
+    // A signed token's line is its audit record, at info, in the call's span; a refusal also
+    // gets an `rpc finished` line with its status code.
+    let audited = |id: &str| {
+        lines.iter().find(|l| {
+            l["target"] == "audit"
+                && l["span"]["name"] == "rpc"
+                && l["span"]["request_id"] == id
+                && l["span"]["rpc"] == "oidckms.v1.KeyService/SignToken"
+        })
+    };
+    let ok = audited("req-ops-1").unwrap_or_else(|| panic!("no rpc span for req-ops-1:\n{log}"));
+    assert_eq!(ok["outcome"], "ok");
     assert_eq!(ok["level"], "INFO");
-    assert_eq!(finished("req-ops-2").unwrap()["code"], "INVALID_ARGUMENT");
-    assert!(finished(&replaced).is_some(), "{log}");
+    assert!(finished("req-ops-1").is_none(), "at debug only:\n{log}");
+    assert_eq!(audited("req-ops-2").unwrap()["outcome"], "INVALID_ARGUMENT");
+    let refused = finished("req-ops-2").unwrap_or_else(|| panic!("no rpc finished line:\n{log}"));
+    assert_eq!(refused["code"], "INVALID_ARGUMENT");
+    assert_eq!(refused["level"], "INFO");
+    assert!(audited(&replaced).is_some(), "{log}");
 
     // Nothing secret: not the token (nor its signature or payload), not the KEK, not claims.
     let kek_text = std::fs::read_to_string(&kek).unwrap();

@@ -16,6 +16,12 @@
 //! generators run in this process. The last line printed is one JSON object with the ratios the
 //! targets in BENCHMARKS.md are stated in. Every load loop stops at a deadline and a count.
 //!
+//! Figures that are compared are measured in turn, slice by slice (`--rounds`): raw, SignToken
+//! at 1, 8 and 64 clients and the empty RPC at 1, 8 and 64 clients, then again; the gateway and
+//! nginx likewise. On a shared or virtual machine the speed of a core drifts by tens of percent
+//! within a minute; interleaving makes that drift reach both sides of a ratio alike, so the
+//! ratios hold from run to run where the absolute figures do not.
+//!
 //! ```sh
 //! cargo build --release && target/release/oidc-kms-bench --quick
 //! ```
@@ -24,13 +30,15 @@ use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use base64::Engine as _;
+use bytes::Bytes;
 use clap::Parser;
-use oidc_kms::grpc::pb::{SignTokenRequest, key_service_client::KeyServiceClient};
+use oidc_kms::grpc::pb::{
+    SignTokenRequest, SignTokenResponse, key_service_client::KeyServiceClient,
+};
 use oidc_kms::keys::crypto::BACKEND;
 use oidc_kms::keys::{KeySpec, Signer as _, SoftwareKey};
 use ring::rand::SecureRandom as _;
@@ -38,7 +46,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint};
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse, health_client::HealthClient};
 
 /// Benchmarks oidc-kms against the limits of this machine; prints a JSON line last.
 #[derive(Debug, Parser)]
@@ -48,9 +56,16 @@ struct Args {
     #[arg(long)]
     quick: bool,
 
-    /// Seconds per measurement (default 1.5 with --quick, 5 otherwise).
+    /// Seconds per measurement (default 1.5 with --quick, 5 otherwise), split into `--rounds`
+    /// slices.
     #[arg(long)]
     seconds: Option<f64>,
+
+    /// Slices each measurement is split into (default 5 with --quick, 10 otherwise). Figures
+    /// that are compared with each other are measured slice by slice in turn, so that a change
+    /// in the machine's speed during the run (other tenants, frequency) reaches them alike.
+    #[arg(long)]
+    rounds: Option<usize>,
 
     /// The `oidc-kms` binary (default: next to this one).
     #[arg(long)]
@@ -170,6 +185,22 @@ impl Load {
         }
         load.latencies.sort_unstable();
         load
+    }
+    /// Adds another slice of the same measurement.
+    fn absorb(&mut self, other: Load) {
+        self.ok += other.ok;
+        self.errors += other.errors;
+        self.elapsed += other.elapsed;
+        self.latencies.extend(other.latencies);
+        self.latencies.sort_unstable();
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        self.cpu = match (self.cpu, other.cpu) {
+            (Some((s0, c0)), Some((s1, c1))) => Some((s0 + s1, c0 + c1)),
+            (None, cpu) if self.ok == other.ok => cpu, // the first slice
+            _ => None,
+        };
     }
     /// CPU microseconds per successful request: (server, client).
     fn cpu_per_request_us(&self) -> Option<(f64, f64)> {
@@ -433,7 +464,10 @@ struct Setup {
     kek_file: PathBuf,
     kms_bin: PathBuf,
     gateway_bin: PathBuf,
-    seconds: Duration,
+    /// One slice of a measurement.
+    slice: Duration,
+    /// Slices per measurement.
+    rounds: usize,
     warmup: Duration,
     connections: Option<usize>,
     cores: usize,
@@ -442,6 +476,10 @@ struct Setup {
 
 async fn run(args: &Args) -> anyhow::Result<()> {
     let seconds = args.seconds.unwrap_or(if args.quick { 1.5 } else { 5.0 });
+    let rounds = args
+        .rounds
+        .unwrap_or(if args.quick { 5 } else { 10 })
+        .max(1);
     let setup = Setup {
         scratch: Scratch::new()?,
         kek_file: PathBuf::new(),
@@ -453,7 +491,8 @@ async fn run(args: &Args) -> anyhow::Result<()> {
             .gateway_bin
             .clone()
             .map_or_else(|| sibling("oidc-gateway"), Ok)?,
-        seconds: Duration::from_secs_f64(seconds),
+        slice: Duration::from_secs_f64(seconds / rounds as f64),
+        rounds,
         warmup: Duration::from_secs_f64((seconds / 5.0).min(1.0)),
         connections: args.connections,
         service_env: args.service_env.clone(),
@@ -473,9 +512,8 @@ async fn run(args: &Args) -> anyhow::Result<()> {
 
     let loadavg = load_average();
     println!(
-        "oidc-kms-bench: {} cores, crypto backend {BACKEND}, {:.1} s per measurement{}, load average {loadavg:.2}",
+        "oidc-kms-bench: {} cores, crypto backend {BACKEND}, {seconds:.1} s per measurement in {rounds} interleaved slices{}, load average {loadavg:.2}",
         setup.cores,
-        seconds,
         if args.quick { " (--quick)" } else { "" }
     );
     if loadavg > 0.5 {
@@ -523,18 +561,9 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         let gw_addr: SocketAddr = ([127, 0, 0, 1], gateway_port).into();
         let jwks_path = "/openid/v1/jwks";
         let jwks = wait_for_http(&mut children, gw_pid, &gw_log, gw_addr, jwks_path).await?;
-        let load = http_load(gw_addr, jwks_path, jwks.len(), &setup, gw_pid).await;
-        println!("{}", load.line("oidc-gateway"));
-        gateway_peak = peak_rss_mb(gw_pid);
-        // The gateway polls the key service: both must still be up for the figures to count.
-        children.check_alive(gw_pid, &gw_log)?;
-        gateway = Some(load);
-        nginx = match find_nginx(args) {
-            Some(bin) => match nginx_baseline(&bin, &setup, &mut children, &jwks).await {
-                Ok(load) => {
-                    println!("{}", load.line("nginx (static file, same bytes)"));
-                    Some(load)
-                }
+        let nginx_server = match find_nginx(args) {
+            Some(bin) => match start_nginx(&bin, &setup, &mut children, &jwks).await {
+                Ok(server) => Some(server),
                 Err(e) => {
                     println!("  nginx baseline skipped: {e:#}");
                     None
@@ -547,7 +576,34 @@ async fn run(args: &Args) -> anyhow::Result<()> {
                 None
             }
         };
-        children.stop(gw_pid);
+        // Warm-up, then the gateway and nginx slice by slice in turn.
+        let servers: Vec<(u32, SocketAddr)> = [Some((gw_pid, gw_addr)), nginx_server]
+            .into_iter()
+            .flatten()
+            .collect();
+        for &(pid, addr) in &servers {
+            http_load(addr, jwks_path, jwks.len(), setup.warmup, pid).await;
+        }
+        let mut loads: Vec<Load> = servers.iter().map(|_| Load::default()).collect();
+        for _ in 0..setup.rounds {
+            for (&(pid, addr), load) in servers.iter().zip(&mut loads) {
+                load.absorb(http_load(addr, jwks_path, jwks.len(), setup.slice, pid).await);
+            }
+        }
+        let mut loads = loads.into_iter();
+        let load = loads.next().expect("the gateway was measured");
+        println!("{}", load.line("oidc-gateway"));
+        gateway = Some(load);
+        nginx = loads.next();
+        if let Some(load) = &nginx {
+            println!("{}", load.line("nginx (static file, same bytes)"));
+        }
+        gateway_peak = peak_rss_mb(gw_pid);
+        // The gateway polls the key service: both must still be up for the figures to count.
+        children.check_alive(gw_pid, &gw_log)?;
+        for (pid, _) in servers {
+            children.stop(pid);
+        }
     }
     if let Some(es) = &es {
         children.stop(es.pid);
@@ -575,6 +631,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         "backend": BACKEND,
         "cores": setup.cores,
         "seconds_per_measurement": seconds,
+        "rounds": rounds,
         "load_average_at_start": loadavg,
         "rs256_raw_per_s": per_s(raw(&rs)),
         "rs256_grpc_per_s": per_s(sign(&rs)),
@@ -688,30 +745,51 @@ async fn signing_suite(
         return Ok(suite);
     }
 
-    // The raw limit, over the same payload size, on an idle machine (the key service waits).
+    // The raw limit, over the same payload size, with the key service idle.
     let sample = sign_once(&channels[0]).await?;
     let signing_input_len = sample.rfind('.').context("a compact JWS")?;
-    let raw = raw_rate(spec, signing_input_len, setup.cores, setup.seconds)?;
+    let raw_signer = RawSigner::new(spec, signing_input_len)?;
+    let mut ops = vec![Op::SignToken];
+    if measure == Measure::SignAndEmpty {
+        ops.push(Op::Empty);
+    }
+    // Warm-up, not counted: the first calls fill caches, pools and the connections' windows.
+    raw_signer.run(setup.cores, setup.warmup);
+    for &op in &ops {
+        for clients in CLIENTS {
+            grpc_load(&channels, clients, op, setup.warmup, pid).await;
+        }
+    }
+    // Slice by slice, in turn: raw, then every op at every client count.
+    let (mut raw_count, mut raw_time) = (0usize, Duration::ZERO);
+    let mut loads: Vec<(Op, usize, Load)> = ops
+        .iter()
+        .flat_map(|&op| CLIENTS.map(|c| (op, c, Load::default())))
+        .collect();
+    for _ in 0..setup.rounds {
+        let (n, t) = raw_signer.run(setup.cores, setup.slice);
+        raw_count += n;
+        raw_time += t;
+        for (op, clients, load) in &mut loads {
+            load.absorb(grpc_load(&channels, *clients, *op, setup.slice, pid).await);
+        }
+    }
+    let raw = raw_count as f64 / raw_time.as_secs_f64().max(1e-9);
     println!(
         "  {:<34} {raw:>9.0} /s   ({} threads, {signing_input_len}-byte signing input, no gRPC)",
         format!("raw {BACKEND} signatures"),
         setup.cores
     );
     suite.raw = Some(raw);
-
-    for clients in CLIENTS {
-        let load = grpc_load(&channels, clients, Op::SignToken, setup, pid).await;
-        println!("{}", load.line(&format!("SignToken, {clients} clients")));
-        suite.sign.push((clients, load));
-    }
-    if measure == Measure::SignAndEmpty {
-        for clients in CLIENTS {
-            let load = grpc_load(&channels, clients, Op::Empty, setup, pid).await;
-            println!(
-                "{}",
-                load.line(&format!("empty RPC (Health/Check), {clients} clients"))
-            );
-            suite.empty.push((clients, load));
+    for (op, clients, load) in loads {
+        let what = match op {
+            Op::SignToken => format!("SignToken, {clients} clients"),
+            Op::Empty => format!("empty RPC (Health/Check), {clients} clients"),
+        };
+        println!("{}", load.line(&what));
+        match op {
+            Op::SignToken => suite.sign.push((clients, load)),
+            Op::Empty => suite.empty.push((clients, load)),
         }
     }
     children.check_alive(pid, &log)?;
@@ -814,36 +892,41 @@ async fn sign_once(channel: &Channel) -> anyhow::Result<String> {
     Ok(response.into_inner().token)
 }
 
-/// Signatures per second with `threads` threads sharing one key, as the signing pool does.
-fn raw_rate(spec: KeySpec, len: usize, threads: usize, time: Duration) -> anyhow::Result<f64> {
-    // Key generation stays out of the loop: one key, made before the clock starts.
-    let (key, _pkcs8) = SoftwareKey::generate(spec)?;
-    let key = Arc::new(key);
-    let message: Vec<u8> = (0..len).map(|i| b"abcdefghijklmnop"[i % 16]).collect();
-    let warmup = (time / 5).min(Duration::from_millis(500));
-    let count = |until: Instant| {
-        let mut n = 0usize;
-        while Instant::now() < until && n < MAX_PER_CLIENT {
-            key.sign(&message).expect("signs");
-            n += 1;
-        }
-        n
-    };
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| count(Instant::now() + warmup));
-        }
-    });
-    let start = Instant::now();
-    let end = start + time;
-    let total: usize = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads).map(|_| s.spawn(|| count(end))).collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("signing thread"))
-            .sum()
-    });
-    Ok(total as f64 / start.elapsed().as_secs_f64())
+/// The crypto backend alone: one key (made before any clock starts) and a message the size of a
+/// token's signing input, signed by threads that share the key, as the signing pool does.
+struct RawSigner {
+    key: SoftwareKey,
+    message: Vec<u8>,
+}
+
+impl RawSigner {
+    fn new(spec: KeySpec, len: usize) -> anyhow::Result<Self> {
+        let (key, _pkcs8) = SoftwareKey::generate(spec)?;
+        let message = (0..len).map(|i| b"abcdefghijklmnop"[i % 16]).collect();
+        Ok(RawSigner { key, message })
+    }
+
+    /// Signs on `threads` threads for `time`; returns the signatures made and the time taken.
+    fn run(&self, threads: usize, time: Duration) -> (usize, Duration) {
+        let start = Instant::now();
+        let end = start + time;
+        let count = || {
+            let mut n = 0usize;
+            while Instant::now() < end && n < MAX_PER_CLIENT {
+                self.key.sign(&self.message).expect("signs");
+                n += 1;
+            }
+            n
+        };
+        let total = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads).map(|_| s.spawn(count)).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("signing thread"))
+                .sum()
+        });
+        (total, start.elapsed())
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -852,38 +935,118 @@ enum Op {
     Empty,
 }
 
-/// `clients` concurrent callers, each one request at a time, for the setup's duration (after a
-/// warm-up that is not counted).
+/// `clients` concurrent callers, each one request at a time, for `time`.
 async fn grpc_load(
     channels: &[Channel],
     clients: usize,
     op: Op,
-    setup: &Setup,
+    time: Duration,
     server: u32,
 ) -> Load {
     let n = channels.len().min(clients).max(1);
-    let run = |time: Duration| {
-        let deadline = Instant::now() + time;
-        let tasks: Vec<_> = (0..clients)
-            .map(|i| {
-                let channel = channels[i % n].clone();
-                tokio::spawn(grpc_client(channel, i, op, deadline))
-            })
-            .collect();
-        async move {
-            let start = Instant::now();
-            let mut parts = Vec::with_capacity(tasks.len());
-            for t in tasks {
-                parts.push(t.await.expect("client task"));
-            }
-            Load::merge(parts, start.elapsed())
-        }
-    };
-    run(setup.warmup).await;
     let before = cpu_now(server);
-    let mut load = run(setup.seconds).await;
+    let start = Instant::now();
+    let deadline = start + time;
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let channel = channels[i % n].clone();
+            tokio::spawn(grpc_client(channel, i, op, deadline))
+        })
+        .collect();
+    let mut parts = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        parts.push(t.await.expect("client task"));
+    }
+    let mut load = Load::merge(parts, start.elapsed());
     load.cpu = cpu_since(before, server);
     load
+}
+
+/// A load generator's codec: the request is encoded once per client and sent as those bytes
+/// every time (as wrk and h2load resend one request); every response is decoded in full.
+struct PreEncoded<M>(std::marker::PhantomData<M>);
+
+impl<M> PreEncoded<M> {
+    fn new() -> Self {
+        PreEncoded(std::marker::PhantomData)
+    }
+}
+
+impl<M: prost::Message + Default + Send + 'static> tonic::codec::Codec for PreEncoded<M> {
+    type Encode = Bytes;
+    type Decode = M;
+    type Encoder = PreEncoded<Bytes>;
+    type Decoder = PreEncoded<M>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        PreEncoded::new()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        PreEncoded::new()
+    }
+}
+
+impl tonic::codec::Encoder for PreEncoded<Bytes> {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Self::Error> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl<M: prost::Message + Default> tonic::codec::Decoder for PreEncoded<M> {
+    type Item = M;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<M>, Self::Error> {
+        M::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+/// One call of `op` with the pre-encoded `request`; checks what came back.
+async fn call(
+    grpc: &mut tonic::client::Grpc<Channel>,
+    op: Op,
+    request: &Bytes,
+) -> Result<(), tonic::Status> {
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let request = tonic::Request::new(request.clone());
+    match op {
+        Op::SignToken => {
+            let path = http::uri::PathAndQuery::from_static("/oidckms.v1.KeyService/SignToken");
+            let response = grpc
+                .unary::<_, SignTokenResponse, _>(request, path, PreEncoded::new())
+                .await?
+                .into_inner();
+            if response.token.is_empty() || response.key_id.is_empty() {
+                return Err(tonic::Status::internal(
+                    "SignToken answered without a token",
+                ));
+            }
+        }
+        Op::Empty => {
+            let path = http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Check");
+            let response = grpc
+                .unary::<_, HealthCheckResponse, _>(request, path, PreEncoded::new())
+                .await?
+                .into_inner();
+            if response.status != 1 {
+                return Err(tonic::Status::internal("Health/Check: not SERVING"));
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn grpc_client(
@@ -892,20 +1055,16 @@ async fn grpc_client(
     op: Op,
     deadline: Instant,
 ) -> (Vec<u32>, usize, Option<String>) {
-    let mut kms = KeyServiceClient::new(channel.clone());
-    let mut health = HealthClient::new(channel);
-    let request = sign_request(i);
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let request = Bytes::from(match op {
+        Op::SignToken => prost::Message::encode_to_vec(&sign_request(i)),
+        Op::Empty => prost::Message::encode_to_vec(&HealthCheckRequest::default()),
+    });
     let mut latencies = Vec::with_capacity(4096);
     let (mut errors, mut first_error) = (0usize, None);
     while Instant::now() < deadline && latencies.len() < MAX_PER_CLIENT && errors < 10_000 {
         let t = Instant::now();
-        let result = match op {
-            Op::SignToken => kms.sign_token(request.clone()).await.map(|_| ()),
-            Op::Empty => health
-                .check(HealthCheckRequest::default())
-                .await
-                .map(|_| ()),
-        };
+        let result = call(&mut grpc, op, &request).await;
         match result {
             Ok(()) => latencies.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32),
             Err(status) => {
@@ -1016,35 +1175,29 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// `HTTP_CONNECTIONS` keep-alive connections, each one `GET` at a time; every answer must be 200
-/// with a body of `body_len` bytes.
+/// `HTTP_CONNECTIONS` keep-alive connections for `time`, each one `GET` at a time; every answer
+/// must be 200 with a body of `body_len` bytes.
 async fn http_load(
     addr: SocketAddr,
     path: &str,
     body_len: usize,
-    setup: &Setup,
+    time: Duration,
     server: u32,
 ) -> Load {
-    let run = |time: Duration| {
-        let deadline = Instant::now() + time;
-        let tasks: Vec<_> = (0..HTTP_CONNECTIONS)
-            .map(|_| {
-                let path = path.to_owned();
-                tokio::spawn(async move { http_client(addr, &path, body_len, deadline).await })
-            })
-            .collect();
-        async move {
-            let start = Instant::now();
-            let mut parts = Vec::with_capacity(tasks.len());
-            for t in tasks {
-                parts.push(t.await.expect("client task"));
-            }
-            Load::merge(parts, start.elapsed())
-        }
-    };
-    run(setup.warmup).await;
     let before = cpu_now(server);
-    let mut load = run(setup.seconds).await;
+    let start = Instant::now();
+    let deadline = start + time;
+    let tasks: Vec<_> = (0..HTTP_CONNECTIONS)
+        .map(|_| {
+            let path = path.to_owned();
+            tokio::spawn(async move { http_client(addr, &path, body_len, deadline).await })
+        })
+        .collect();
+    let mut parts = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        parts.push(t.await.expect("client task"));
+    }
+    let mut load = Load::merge(parts, start.elapsed());
     load.cpu = cpu_since(before, server);
     load
 }
@@ -1091,14 +1244,15 @@ async fn http_client(
     (latencies, errors, first_error)
 }
 
-/// nginx serving `jwks` as a static file at the same path, with production settings (sendfile,
-/// open-file cache, no access log), as many workers as cores; measured with the same client.
-async fn nginx_baseline(
+/// Starts nginx serving `jwks` as a static file at the same path, with production settings
+/// (sendfile, open-file cache, no access log), as many workers as cores. Returns its pid and
+/// address once it serves the same bytes.
+async fn start_nginx(
     bin: &Path,
     setup: &Setup,
     children: &mut Children,
     jwks: &[u8],
-) -> anyhow::Result<Load> {
+) -> anyhow::Result<(u32, SocketAddr)> {
     let root = setup.scratch.0.join("nginx");
     let www = root.join("www/openid/v1");
     std::fs::create_dir_all(&www)?;
@@ -1159,7 +1313,5 @@ http {{
     if body != jwks {
         bail!("nginx serves other bytes than the gateway");
     }
-    let load = http_load(addr, "/openid/v1/jwks", jwks.len(), setup, pid).await;
-    children.stop(pid);
-    Ok(load)
+    Ok((pid, addr))
 }

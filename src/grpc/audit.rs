@@ -26,11 +26,12 @@ pub struct AuditRecord<'a> {
     pub exp: Option<i64>,
 }
 
-/// Writes one audit record. `outcome` is `ok` or the status code of the failure.
+/// Writes one audit record. `outcome` is `ok` or the status code of the failure, named as gRPC
+/// names it (`INVALID_ARGUMENT`), as in the metrics and the `rpc finished` lines.
 pub fn record(caller: &Caller, rec: &AuditRecord<'_>, outcome: Result<(), tonic::Code>) {
     let outcome = match outcome {
-        Ok(()) => "ok".to_owned(),
-        Err(code) => format!("{code:?}"),
+        Ok(()) => "ok",
+        Err(code) => super::instrument::code_name(code as i32),
     };
     tracing::info!(
         target: "audit",
@@ -41,7 +42,7 @@ pub fn record(caller: &Caller, rec: &AuditRecord<'_>, outcome: Result<(), tonic:
         aud = rec.aud.as_deref().unwrap_or(""),
         jti = rec.jti.unwrap_or(""),
         exp = rec.exp.unwrap_or(0),
-        outcome = %outcome,
+        outcome,
         "audit"
     );
 }

@@ -60,10 +60,23 @@ const QUIET: &[(&str, &str)] = &[
     ("v1alpha1.ExternalJWTSigner", "Metadata"),
 ];
 
+/// Calls that write an audit record ([`crate::grpc::audit`]) in their span, naming the caller,
+/// the key, the token and the outcome: when they succeed, that record is their line, and the
+/// `rpc finished` line goes to debug level with the quiet calls. Failures are logged as usual.
+const AUDITED: &[(&str, &str)] = &[
+    ("oidckms.v1.KeyService", "SignToken"),
+    ("v1.ExternalJWTSigner", "Sign"),
+    ("v1alpha1.ExternalJWTSigner", "Sign"),
+];
+
 fn is_quiet(service: &str, method: &str) -> bool {
     QUIET
         .iter()
         .any(|(s, m)| *s == service && (*m == "*" || *m == method))
+}
+
+fn is_audited(service: &str, method: &str) -> bool {
+    AUDITED.contains(&(service, method))
 }
 
 /// The (service, method) labels of a request path such as `/oidckms.v1.KeyService/SignToken`.
@@ -150,7 +163,9 @@ impl Finish {
         let elapsed_ms = took.as_secs_f64() * 1000.0;
         if matches!(code, "INTERNAL" | "UNKNOWN" | "DATA_LOSS" | "UNAVAILABLE") {
             tracing::warn!(code, elapsed_ms, "rpc failed");
-        } else if is_quiet(self.service, self.method) {
+        } else if is_quiet(self.service, self.method)
+            || (code == "OK" && is_audited(self.service, self.method))
+        {
             tracing::debug!(code, elapsed_ms, "rpc finished");
         } else {
             tracing::info!(code, elapsed_ms, "rpc finished");
@@ -315,6 +330,9 @@ mod tests {
         assert!(!is_quiet("oidckms.v1.KeyService", "SignToken"));
         assert!(!is_quiet("v1alpha1.ExternalJWTSigner", "Sign"));
         assert!(!is_quiet("unknown", "unknown"));
+        assert!(is_audited("oidckms.v1.KeyService", "SignToken"));
+        assert!(is_audited("v1.ExternalJWTSigner", "Sign"));
+        assert!(!is_audited("oidckms.v1.KeyService", "RotateKeys"));
     }
 
     #[test]

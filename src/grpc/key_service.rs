@@ -31,20 +31,20 @@ impl KeyServiceApi {
 
     async fn sign(
         &self,
-        r: &pb::SignTokenRequest,
+        r: pb::SignTokenRequest,
         deadline: Option<std::time::Instant>,
     ) -> Result<SignedToken, Status> {
         let lifetime = match r.lifetime_seconds {
             0 => None,
             n => Some(seconds("lifetime_seconds", n)?),
         };
-        let extra_claims = match &r.claims {
-            Some(s) => struct_to_map("claims", s.clone(), 1)?,
+        let extra_claims = match r.claims {
+            Some(s) => struct_to_map(ClaimPath::Root("claims"), s, 1)?,
             None => Map::new(),
         };
         let request = TokenRequest {
-            subject: r.subject.clone(),
-            audiences: r.audiences.clone(),
+            subject: r.subject,
+            audiences: r.audiences,
             lifetime,
             extra_claims,
         };
@@ -55,9 +55,28 @@ impl KeyServiceApi {
     }
 }
 
+/// Where a value sits in the request's `claims`, for error messages (`claims.a.b[2]`); built
+/// as the conversion descends, and only formatted when something is refused.
+#[derive(Clone, Copy)]
+enum ClaimPath<'a> {
+    Root(&'a str),
+    Key(&'a ClaimPath<'a>, &'a str),
+    Index(&'a ClaimPath<'a>, usize),
+}
+
+impl std::fmt::Display for ClaimPath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClaimPath::Root(name) => f.write_str(name),
+            ClaimPath::Key(parent, key) => write!(f, "{parent}.{key}"),
+            ClaimPath::Index(parent, i) => write!(f, "{parent}[{i}]"),
+        }
+    }
+}
+
 /// Converts a protobuf `Value` to JSON. Whole numbers become JSON integers (so a claim such as
 /// `{"n": 5}` stays `5`, not `5.0`); non-finite numbers are refused.
-fn to_json(field: &str, value: prost_types::Value, depth: usize) -> Result<Value, Error> {
+fn to_json(path: ClaimPath<'_>, value: prost_types::Value, depth: usize) -> Result<Value, Error> {
     if depth > MAX_CLAIMS_DEPTH {
         return Err(Error::invalid(
             "claims",
@@ -73,32 +92,33 @@ fn to_json(field: &str, value: prost_types::Value, depth: usize) -> Result<Value
                 Value::Number(Number::from(n as i64))
             } else {
                 Value::Number(
-                    Number::from_f64(n)
-                        .ok_or_else(|| Error::invalid(field, "numbers must be finite"))?,
+                    Number::from_f64(n).ok_or_else(|| {
+                        Error::invalid(path.to_string(), "numbers must be finite")
+                    })?,
                 )
             }
         }
-        Some(Kind::StructValue(s)) => Value::Object(struct_to_map(field, s, depth + 1)?),
+        Some(Kind::StructValue(s)) => Value::Object(struct_to_map(path, s, depth + 1)?),
         Some(Kind::ListValue(l)) => Value::Array(
             l.values
                 .into_iter()
                 .enumerate()
-                .map(|(i, v)| to_json(&format!("{field}[{i}]"), v, depth + 1))
+                .map(|(i, v)| to_json(ClaimPath::Index(&path, i), v, depth + 1))
                 .collect::<Result<_, _>>()?,
         ),
     })
 }
 
 fn struct_to_map(
-    field: &str,
+    path: ClaimPath<'_>,
     s: prost_types::Struct,
     depth: usize,
 ) -> Result<Map<String, Value>, Error> {
     s.fields
         .into_iter()
         .map(|(k, v)| {
-            let path = format!("{field}.{k}");
-            Ok((k, to_json(&path, v, depth)?))
+            let value = to_json(ClaimPath::Key(&path, &k), v, depth)?;
+            Ok((k, value))
         })
         .collect()
 }
@@ -162,13 +182,14 @@ impl pb::key_service_server::KeyService for KeyServiceApi {
         let deadline = deadline_of(&request);
         let r = request.into_inner();
         let audit_aud = r.audiences.join(",");
+        let audit_sub = r.subject.clone();
         let mut audit = AuditRecord {
             rpc: "oidckms.v1.KeyService/SignToken",
-            sub: Some(&r.subject),
+            sub: Some(&audit_sub),
             aud: Some(audit_aud),
             ..AuditRecord::default()
         };
-        let result = self.sign(&r, deadline).await;
+        let result = self.sign(r, deadline).await;
         match &result {
             Ok(t) => {
                 audit.kid = Some(&t.kid);
@@ -254,11 +275,11 @@ mod tests {
 
     #[test]
     fn whole_numbers_stay_integers_and_non_finite_is_refused() {
-        assert_eq!(to_json("c", num(5.0), 1).unwrap(), serde_json::json!(5));
-        assert_eq!(to_json("c", num(0.5), 1).unwrap(), serde_json::json!(0.5));
-        let err = to_json("claims.x", num(f64::NAN), 1)
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with("claims.x"), "{err}");
+        let root = ClaimPath::Root("claims");
+        assert_eq!(to_json(root, num(5.0), 1).unwrap(), serde_json::json!(5));
+        assert_eq!(to_json(root, num(0.5), 1).unwrap(), serde_json::json!(0.5));
+        let inner = ClaimPath::Index(&ClaimPath::Key(&root, "x"), 2);
+        let err = to_json(inner, num(f64::NAN), 1).unwrap_err().to_string();
+        assert!(err.starts_with("claims.x[2]:"), "{err}");
     }
 }
