@@ -20,9 +20,10 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 
 use crate::duration::parse_duration;
+use crate::grpc::client::{self as grpc_client, ClientError, SettingNames, TlsFiles};
 use crate::grpc::instrument::code_name;
 use crate::grpc::pb::{self, key_service_client::KeyServiceClient};
 use crate::keys::Kek;
@@ -321,31 +322,30 @@ fn json_line(v: &Value) -> String {
     )
 }
 
+/// The CLI's TLS settings, as named in errors.
+const TLS_SETTINGS: SettingNames = SettingNames {
+    ca_cert: "--ca-cert",
+    client_cert: "--client-cert",
+    client_key: "--client-key",
+};
+
 async fn connect(client: &Client) -> Result<KeyServiceClient<Channel>, Failure> {
     let unreachable = |reason: String| Failure::Unreachable {
         url: client.kms.clone(),
         reason,
     };
-    let mut endpoint = Endpoint::from_shared(client.kms.clone())
-        .map_err(|e| Failure::Usage(format!("--kms {:?}: not a usable URL: {e}", client.kms)))?
+    let tls = TlsFiles {
+        ca_cert: client.ca_cert.clone(),
+        client_cert: client.client_cert.clone(),
+        client_key: client.client_key.clone(),
+    };
+    let endpoint = grpc_client::endpoint(&client.kms, &tls, TLS_SETTINGS)
+        .map_err(|e| match e {
+            ClientError::Read { .. } => Failure::Io(e.to_string()),
+            e => Failure::Usage(e.to_string()),
+        })?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(CALL_TIMEOUT);
-    if client.kms.starts_with("https://") {
-        let mut tls = ClientTlsConfig::new();
-        let ca = client.ca_cert.as_ref().ok_or_else(|| {
-            Failure::Usage("--ca-cert is required with an https:// --kms URL".into())
-        })?;
-        tls = tls.ca_certificate(Certificate::from_pem(read("--ca-cert", ca)?));
-        if let (Some(cert), Some(key)) = (&client.client_cert, &client.client_key) {
-            tls = tls.identity(Identity::from_pem(
-                read("--client-cert", cert)?,
-                read("--client-key", key)?,
-            ));
-        }
-        endpoint = endpoint
-            .tls_config(tls)
-            .map_err(|e| Failure::Usage(format!("TLS: {e}")))?;
-    }
     let channel = endpoint.connect().await.map_err(|e| {
         let mut reason = e.to_string();
         let mut source = std::error::Error::source(&e);
@@ -359,10 +359,6 @@ async fn connect(client: &Client) -> Result<KeyServiceClient<Channel>, Failure> 
         unreachable(reason)
     })?;
     Ok(KeyServiceClient::new(channel))
-}
-
-fn read(flag: &str, path: &Path) -> Result<Vec<u8>, Failure> {
-    std::fs::read(path).map_err(|e| Failure::Io(format!("{flag} {}: {e}", path.display())))
 }
 
 /// `--claims` JSON as the protobuf Struct SignToken takes.

@@ -35,6 +35,12 @@ pub enum Error {
     /// The caller's deadline passed before the request was worked on; nothing was signed.
     #[error("the request's deadline passed before it could be signed; nothing was signed")]
     DeadlineExceeded,
+    /// Signing stopped because the key store could not say what is on disk after a failed write
+    /// (see [`StoreError::Indeterminate`]); a restart reads the store again.
+    #[error(
+        "signing is stopped: the key store could not be made durable nor put back after a failed write; fix the disk and restart oidc-kms"
+    )]
+    Halted,
     /// The service is shutting down or a worker failed.
     #[error("the key service is shutting down")]
     ShuttingDown,

@@ -14,6 +14,7 @@
 //!   key set changed.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockWriteGuard};
 use std::time::Duration;
 
@@ -24,10 +25,16 @@ use crate::clock::{Clock, Timestamp};
 use crate::error::Error;
 use crate::issuer::Issuer;
 use crate::jwk::Jwk;
-use crate::keys::{KeySpec, KeyStore, Signer};
+use crate::keys::{KeySpec, KeyStore, Signer, StoreError};
 use crate::lifecycle::{KeyRecord, KeyState, Keyring, LifecycleError, Policy, RotationPlan};
 use crate::signing_pool::SigningPool;
 use crate::token::{self, Claims, TokenRequest};
+
+/// The longest a relying party is told to cache the published keys.
+pub const MAX_CACHE_AGE: Duration = Duration::from_secs(300);
+
+/// The longest a manual rotation may keep its new key published before it signs.
+pub const MAX_PREPUBLISH: Duration = Duration::from_secs(30 * 86_400);
 
 /// What the key manager is configured with.
 #[derive(Debug, Clone)]
@@ -157,6 +164,9 @@ struct Inner {
     changes: watch::Sender<Timestamp>,
     rng: SystemRandom,
     pool: SigningPool,
+    /// Set when the store could not tell what is on disk after a failed commit: the keys in memory
+    /// may no longer match it, so nothing is signed until a restart reads the store again.
+    halted: AtomicBool,
 }
 
 /// The key manager; cheap to clone (all clones share one state).
@@ -229,6 +239,7 @@ impl KeyManager {
                 changes: watch::Sender::new(now),
                 rng: SystemRandom::new(),
                 pool: SigningPool::for_this_machine(),
+                halted: AtomicBool::new(false),
             }),
         };
         {
@@ -273,6 +284,9 @@ impl KeyManager {
         &self,
         build: impl FnOnce(Timestamp, &LiveKey) -> Result<(String, i64), Error>,
     ) -> Result<ActiveSignature, Error> {
+        if self.inner.halted.load(Ordering::Acquire) {
+            return Err(Error::Halted);
+        }
         let guard = self
             .inner
             .keys
@@ -383,6 +397,30 @@ impl KeyManager {
     /// Rotates: `prepublish` zero makes the new key sign at once (AKS); otherwise it is published
     /// now and signs after `prepublish`. Blocking.
     pub fn rotate_blocking(&self, prepublish: Duration) -> Result<Rotation, Error> {
+        let cache = self.cache_max_age();
+        if !prepublish.is_zero() && prepublish < cache {
+            return Err(Error::invalid(
+                "prepublish_seconds",
+                format!(
+                    "{} s is shorter than the {} s relying parties may cache the JWKS, so some \
+                     would not hold the new key before it signs; ask for at least {} s, or 0 to \
+                     rotate at once",
+                    prepublish.as_secs(),
+                    cache.as_secs(),
+                    cache.as_secs()
+                ),
+            ));
+        }
+        if prepublish > MAX_PREPUBLISH {
+            return Err(Error::invalid(
+                "prepublish_seconds",
+                format!(
+                    "{} s is more than the {} s (30 days) a key may wait published before it signs",
+                    prepublish.as_secs(),
+                    MAX_PREPUBLISH.as_secs()
+                ),
+            ));
+        }
         let mut w = lock(&self.inner.writer);
         let plan = w.keyring.plan_rotation(self.now(), prepublish)?;
         let new_kid = self.rotate_locked(&mut w, plan, prepublish, RotationReason::Manual)?;
@@ -467,10 +505,18 @@ impl KeyManager {
         now: Timestamp,
         held: Option<RwLockWriteGuard<'_, Arc<KeySet>>>,
     ) -> Result<(), Error> {
-        for kid in ring.prune(now) {
+        let retired = ring.prune(now);
+        match w.store.commit(&ring) {
+            Ok(()) => {}
+            Err(e @ StoreError::Indeterminate { .. }) => {
+                self.inner.halted.store(true, Ordering::Release);
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        for kid in retired {
             tracing::info!(%kid, "retired key: left the JWKS, sealed record erased");
         }
-        w.store.commit(&ring)?;
         if let Some(signer) = new_signer {
             w.live.insert(signer.kid().to_owned(), live_key(signer));
         }
@@ -547,7 +593,6 @@ impl KeyManager {
     pub fn published(&self) -> PublishedKeys {
         let set = self.key_set();
         let now = self.now();
-        let policy = &self.inner.settings.policy;
         PublishedKeys {
             issuer: self.inner.settings.issuer.as_str().to_owned(),
             keys: set
@@ -555,11 +600,20 @@ impl KeyManager {
                 .into_iter()
                 .map(|(_, k)| k.jwk.clone())
                 .collect(),
-            cache_max_age: policy
-                .prepublish
-                .min(Duration::from_secs(300))
-                .max(Duration::from_secs(1)),
+            cache_max_age: self.cache_max_age(),
         }
+    }
+
+    /// How long a relying party may cache the published keys: never longer than the
+    /// pre-publication lead (so a scheduled key reaches every cache before it signs), at most
+    /// 300 s, at least 1 s. Manual pre-published rotations may not ask for a shorter lead.
+    pub fn cache_max_age(&self) -> Duration {
+        self.inner
+            .settings
+            .policy
+            .prepublish
+            .min(MAX_CACHE_AGE)
+            .max(Duration::from_secs(1))
     }
 
     /// Every key with its state now.
@@ -573,5 +627,83 @@ impl KeyManager {
             .map(|r| (r.clone(), r.state(now)))
             .collect();
         (keys, set.keyring.active(now).map(|r| r.kid.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::keys::{FileStore, Kek};
+    use crate::lifecycle::Policy;
+
+    const H: Duration = Duration::from_secs(3600);
+
+    fn settings() -> Settings {
+        Settings {
+            issuer: Issuer::parse("https://issuer.example/").unwrap(),
+            policy: Policy {
+                max_token_lifetime: Duration::from_secs(1800),
+                rotation_period: Some(H),
+                prepublish: Duration::from_secs(600),
+            },
+            new_key_spec: KeySpec::P256,
+        }
+    }
+
+    fn open(dir: &std::path::Path, kek: &Kek, clock: &Arc<ManualClock>) -> KeyManager {
+        let store = FileStore::open(dir, kek).unwrap();
+        KeyManager::open(
+            Box::new(store),
+            Arc::clone(clock) as Arc<dyn Clock>,
+            settings(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_service_down_past_several_rotations_rotates_once_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::generate().unwrap();
+        let clock = Arc::new(ManualClock::new(Timestamp::from_secs(1_700_000_000)));
+        let first = open(dir.path(), &kek, &clock);
+        let k1 = first
+            .key_set()
+            .keyring
+            .active(clock.now())
+            .unwrap()
+            .kid
+            .clone();
+        drop(first);
+
+        // Down for five rotation periods.
+        clock.advance(5 * H);
+        let again = open(dir.path(), &kek, &clock);
+        let (keys, active) = again.list_keys();
+        assert_eq!(
+            active.as_deref(),
+            Some(k1.as_str()),
+            "k1 signs until the new key's lead ends"
+        );
+        let states: Vec<KeyState> = keys.iter().map(|(_, s)| *s).collect();
+        assert_eq!(
+            states,
+            [KeyState::Active, KeyState::Next],
+            "one rotation, pre-published"
+        );
+        let k2 = keys[1].0.kid.clone();
+
+        // After the lead, k2 signs and nothing else was owed: the next rotation is a period on.
+        clock.advance(Duration::from_secs(600));
+        let next = again.tick().unwrap();
+        assert_eq!(again.list_keys().1.as_deref(), Some(k2.as_str()));
+        assert_eq!(again.list_keys().0.len(), 2, "k1 previous, k2 active");
+        let due = again
+            .key_set()
+            .keyring
+            .rotation_due(clock.now(), &settings().policy)
+            .unwrap();
+        assert_eq!(clock.now().until(due), H - Duration::from_secs(600));
+        assert!(next.is_some());
     }
 }

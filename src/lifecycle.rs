@@ -402,7 +402,31 @@ mod tests {
         rotate_now(&mut ring, "k3", t(20));
         assert_eq!(published(&ring, t(20)), ["k2", "k3"]);
         assert_eq!(ring.active(t(20)).unwrap().kid, "k3");
+        // Only the oldest goes: k2, which signed until now, keeps its full overlap.
+        assert_eq!(ring.get("k2").unwrap().retires_at, Some(t(20).plus(DAY)));
         assert_eq!(ring.prune(t(20)), ["k1"]);
+    }
+
+    #[test]
+    fn a_prepublished_rotation_keeps_the_newest_previous_key_for_its_tokens() {
+        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0));
+        rotate_now(&mut ring, "k2", t(10));
+        let k1_retires = ring.get("k1").unwrap().retires_at;
+        assert_eq!(k1_retires, Some(t(10).plus(DAY)));
+        // k3 is pre-published while k1 is still owed its overlap: k1 keeps it to the end.
+        ring.add_key("k3".into(), KeySpec::P256, t(20), t(20).plus(H), DAY);
+        assert_eq!(ring.get("k1").unwrap().retires_at, k1_retires);
+        assert_eq!(published(&ring, t(21)), ["k1", "k2", "k3"]);
+        assert_eq!(ring.get("k2").unwrap().signs_until, Some(t(20).plus(H)));
+        // A further immediate rotation (AKS) retires the oldest, k1, and keeps k2's overlap.
+        rotate_now(&mut ring, "unused", t(30));
+        assert_eq!(
+            ring.active(t(30)).unwrap().kid,
+            "k3",
+            "the next key is promoted"
+        );
+        assert_eq!(published(&ring, t(30)), ["k2", "k3"]);
+        assert_eq!(ring.get("k2").unwrap().retires_at, Some(t(30).plus(DAY)));
     }
 
     #[test]

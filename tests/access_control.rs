@@ -464,3 +464,94 @@ fn tls_and_policy_mistakes_exit_64_naming_the_flag() {
         assert!(log.contains(flag), "{extra:?} should name {flag}: {log}");
     }
 }
+
+#[test]
+fn the_gateway_and_the_admin_cli_reach_a_mutual_tls_key_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("oidc-kms test CA");
+    let gateway_id = ca.client(&["gateway.example"]);
+    let admin = ca.client(&[ADMIN]);
+    let apiserver = ca.client(&[APISERVER]);
+    let policy = format!(
+        r#"{{"clients": {{"gateway.example": ["reader"], "{ADMIN}": ["admin"], "{APISERVER}": ["signer"]}}}}"#
+    );
+    let kms = TlsKms::start(dir.path(), &ca, Some(&policy), &admin);
+    let url = format!("https://127.0.0.1:{}", kms.port);
+    let ca_file = path(&ca.write(dir.path(), "kms-ca"));
+    let pem = |id: &Pem, name: &str| {
+        let (cert, key) = id.write(dir.path(), name);
+        (path(&cert), path(&key))
+    };
+
+    // The gateway presents its certificate, is granted GetJwks, and serves the key set.
+    let (gw_cert, gw_key) = pem(&gateway_id, "gateway");
+    let gateway = |name: &str, identity: &[&str]| {
+        let port = free_port();
+        let mut args: Vec<String> = [
+            "--kms",
+            &url,
+            "--kms-ca-cert",
+            &ca_file,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--refresh-interval",
+            "1s",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(identity.iter().map(|s| s.to_string()));
+        let proc = Proc::spawn(common::gateway_bin(), &args, dir.path().join(name), None);
+        (proc, port)
+    };
+    let (gw, gw_port) = gateway(
+        "gw.log",
+        &["--kms-client-cert", &gw_cert, "--kms-client-key", &gw_key],
+    );
+    let jwks = eventually(Duration::from_secs(30), || {
+        let r = common::http_get(&format!("http://127.0.0.1:{gw_port}/openid/v1/jwks"), &[]);
+        (r.status == 200).then(|| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap())
+    })
+    .unwrap_or_else(|| panic!("the gateway never served the JWKS: {}", gw.log_text()));
+    assert_eq!(jwks["keys"].as_array().map(Vec::len), Some(1), "{jwks}");
+
+    // Without a client certificate it is refused, says so, and never becomes ready.
+    let (anon, anon_port) = gateway("anon.log", &[]);
+    let refused = eventually(Duration::from_secs(30), || {
+        let log = anon.log_text();
+        log.contains("cannot refresh the key set").then_some(log)
+    })
+    .expect("the refusal is logged");
+    assert!(refused.to_lowercase().contains("certificate"), "{refused}");
+    let ready = common::http_get(&format!("http://127.0.0.1:{anon_port}/readyz"), &[]);
+    assert_eq!(ready.status, 503);
+
+    // The admin CLI over mutual TLS: the admin lists keys; the API server may not rotate.
+    let cli = |id: &(String, String), args: &[&str]| {
+        let out = std::process::Command::new(kms_bin())
+            .args(args)
+            .args(["--kms", &url, "--ca-cert", &ca_file, "--client-cert", &id.0])
+            .args(["--client-key", &id.1])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let admin_files = pem(&admin, "admin");
+    let (code, out) = cli(&admin_files, &["keys", "list", "--json"]);
+    assert_eq!(code, Some(0), "{out}");
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed["keys"].as_array().map(Vec::len), Some(1), "{out}");
+    let (code, out) = cli(&pem(&apiserver, "apiserver"), &["keys", "rotate"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("PERMISSION_DENIED"), "{out}");
+    // An https:// URL needs the CA bundle: a usage error, exit 64.
+    let out = std::process::Command::new(kms_bin())
+        .args(["keys", "list", "--kms", &url])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ca-cert is required"));
+}

@@ -1202,16 +1202,6 @@ fn every_flag_is_one_the_binaries_accept() {
                 "{}: {flag} given twice",
                 c.name()
             );
-            if flag == "--k8s-signer-socket" && !documents_flag(help, &flag) {
-                // The signer socket (issue 4) is being added to oidc-kms concurrently; until its
-                // --help lists the flag, the static pod uses a flag the binary does not know yet.
-                // Once it does, this skip no longer applies and the flag is checked like the rest.
-                eprintln!(
-                    "note: {} --help does not list {flag} yet; not checked",
-                    c.program
-                );
-                continue;
-            }
             assert!(
                 documents_flag(help, &flag),
                 "{}: {} does not accept {flag} (not in its --help)",
@@ -1223,15 +1213,6 @@ fn every_flag_is_one_the_binaries_accept() {
         // The binaries' own environment variables (clap lists each as `[env: NAME=]`).
         for (name, _) in c.env() {
             if !name.starts_with("OIDC_") {
-                continue;
-            }
-            if name == "OIDC_KMS_INSECURE_PLAINTEXT" && !help.contains(&format!("[env: {name}=")) {
-                // Set as an environment variable precisely so that an oidc-kms from before issue 5
-                // ignores it; once --help lists it, it is checked like the rest.
-                eprintln!(
-                    "note: {} --help does not list {name} yet; not checked",
-                    c.program
-                );
                 continue;
             }
             assert!(

@@ -63,7 +63,21 @@ fn dev_mode_is_a_working_issuer_driven_by_grpcurl() {
     );
     assert!(cwd.path().join("oidc-kms-data/keyring.json").exists());
     assert!(cwd.path().join("oidc-kms-data/dev-kek.b64").exists());
-    assert!(p.log_text().contains("DEVELOPMENT MODE"), "warns loudly");
+    let log = p.log_text();
+    assert!(log.contains("DEVELOPMENT MODE"), "warns loudly");
+    // It says where discovery is and how to sign a token.
+    assert!(
+        log.contains(&format!(
+            "curl http://127.0.0.1:{http_port}/.well-known/openid-configuration"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "127.0.0.1:{grpc_port} oidckms.v1.KeyService/SignToken"
+        )) && log.contains("grpcurl -plaintext -d"),
+        "{log}"
+    );
 
     let (ok, out) = run_grpcurl(&["-plaintext", &endpoint, "list"]);
     assert!(
@@ -118,4 +132,27 @@ fn dev_mode_is_a_working_issuer_driven_by_grpcurl() {
         .status();
     let status = wait_exit(&mut p.child, Duration::from_secs(20)).expect("stops on SIGINT");
     assert!(status.success(), "{status}: {}", p.log_text());
+
+    // Without its dev KEK the store is refused, and no new KEK is written over the situation.
+    let data = cwd.path().join("oidc-kms-data");
+    std::fs::remove_file(data.join("dev-kek.b64")).unwrap();
+    let keyring = std::fs::read(data.join("keyring.json")).unwrap();
+    let mut again = Proc::spawn(
+        kms_bin(),
+        &[
+            "--dev".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--dev-gateway-listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+        ],
+        cwd.path().join("dev2.log"),
+        Some(cwd.path()),
+    );
+    let status = wait_exit(&mut again.child, Duration::from_secs(20)).expect("refuses");
+    let out = again.log_text();
+    assert_eq!(status.code(), Some(64), "{out}");
+    assert!(out.contains("not its development KEK"), "{out}");
+    assert!(!data.join("dev-kek.b64").exists(), "no KEK written");
+    assert_eq!(std::fs::read(data.join("keyring.json")).unwrap(), keyring);
 }

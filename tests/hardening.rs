@@ -9,6 +9,14 @@ use std::time::{Duration, Instant};
 use common::*;
 use oidc_kms::grpc::pb::{self, key_service_client::KeyServiceClient};
 
+/// What the crash test's client saw, in order.
+enum Seen {
+    /// A RotateKeys answered with this new (active) key.
+    Rotated(String),
+    /// A SignToken answered with this token of this key.
+    Signed(String, String),
+}
+
 #[test]
 fn fifty_sigkills_during_rotations_and_signatures_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -18,70 +26,93 @@ fn fifty_sigkills_during_rotations_and_signatures_lose_nothing() {
     let args: &[&str] = &["--algorithm", "ES256", "--rotation-period", "off"];
     let mut kms = Kms::start(&data, &kek, issuer, args);
     let (mut rotations, mut checked) = (0, 0);
+    // Every token any round was given, with its key: checked again after every later restart.
+    let mut all_tokens: Vec<(String, String)> = Vec::new();
     for round in 0..50 {
+        let active_before = kms.list_keys().active_key_id;
+        let kids_before = kms.kids();
         let endpoint = format!("http://127.0.0.1:{}", kms.port);
-        // A client that rotates and signs until the service dies under it.
+        // A client that rotates and signs until the service dies under it; it also says whether
+        // the call in flight at that moment was a rotation (which may have landed unanswered).
         let client = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async {
-                let mut reported = Vec::new();
-                let mut signed = Vec::new();
+                let mut seen = Vec::new();
                 let Ok(mut c) = KeyServiceClient::connect(endpoint).await else {
-                    return (reported, signed);
+                    return (seen, false);
                 };
                 for i in 0.. {
                     if i % 3 == 0 {
-                        match c
-                            .rotate_keys(pb::RotateKeysRequest {
-                                prepublish_seconds: 0,
-                            })
-                            .await
-                        {
-                            Ok(r) => reported.push(r.into_inner().new_key_id),
-                            Err(_) => break,
+                        let request = pb::RotateKeysRequest {
+                            prepublish_seconds: 0,
+                        };
+                        match c.rotate_keys(request).await {
+                            Ok(r) => seen.push(Seen::Rotated(r.into_inner().new_key_id)),
+                            Err(_) => return (seen, true),
                         }
                     } else {
                         match c.sign_token(sign_request("s", &[AUD])).await {
                             Ok(t) => {
                                 let t = t.into_inner();
-                                signed.push((t.key_id, t.token));
+                                seen.push(Seen::Signed(t.key_id, t.token));
                             }
-                            Err(_) => break,
+                            Err(_) => return (seen, false),
                         }
                     }
                 }
-                (reported, signed)
+                unreachable!("the loop ends when the service dies")
             })
         });
         std::thread::sleep(Duration::from_millis(random_in(30..200)));
         kms.proc.kill();
-        let (reported, signed) = client.join().unwrap();
-        rotations += reported.len();
+        let (seen, rotation_in_flight) = client.join().unwrap();
 
         kms = Kms::start(&data, &kek, issuer, args);
         let kids = kms.kids();
-        // The last rotation a caller saw complete is durable (a later one may have landed unseen,
-        // which keeps it published as the previous key).
-        if let Some(last) = reported.last() {
+        assert!(kids.len() <= 3, "round {round}: {kids:?}");
+
+        // Which keys must have survived: the last key the client saw become active; the key
+        // active before it (AKS keeps it as the previous key), unless a rotation was in flight
+        // and may have landed unanswered; with no rotation at all, everything as it was.
+        let (mut active, mut before_last) = (active_before.clone(), None);
+        for s in &seen {
+            if let Seen::Rotated(kid) = s {
+                before_last = Some(std::mem::replace(&mut active, kid.clone()));
+                rotations += 1;
+            }
+        }
+        let mut required = vec![active.clone()];
+        match (&before_last, rotation_in_flight) {
+            (Some(prev), false) => required.push(prev.clone()),
+            (None, false) => required.extend(kids_before.iter().cloned()),
+            (_, true) => {}
+        }
+        for kid in &required {
             assert!(
-                kids.contains(last),
-                "round {round}: reported key {last} lost: {kids:?}"
+                kids.contains(kid),
+                "round {round}: key {kid} lost (in flight: rotation {rotation_in_flight}): {kids:?}"
             );
         }
-        assert!(kids.len() <= 3, "round {round}: {kids:?}");
-        // Every token returned whose key is still published verifies against the JWKS a relying
-        // party gets (keys dropped by the AKS double-rotation rule take their tokens with them).
+
+        // Every token ever returned whose key is still published verifies against the JWKS a
+        // relying party gets; the tokens of the keys that had to survive are among them.
+        all_tokens.extend(seen.into_iter().filter_map(|s| match s {
+            Seen::Signed(kid, token) => Some((kid, token)),
+            Seen::Rotated(_) => None,
+        }));
         let jwks = jwks_json(&kms);
-        for (kid, token) in &signed {
+        for (kid, token) in &all_tokens {
             if kids.contains(kid) {
                 verify(token, &jwks, issuer, AUD)
                     .unwrap_or_else(|e| panic!("round {round}, {kid}: {e}"));
                 checked += 1;
             }
         }
+        // Keys no longer published only ever go by the AKS rule: never the ones required above.
+        all_tokens.retain(|(kid, _)| kids.contains(kid));
     }
     assert!(
         rotations >= 50 && checked >= 50,
@@ -320,10 +351,12 @@ fn the_gateway_rides_out_a_key_service_outage_then_stops_serving_stale_keys() {
         gw_port,
         kms.port,
         dir.path(),
-        &["--refresh-interval", "1s", "--max-stale", "4s"],
+        &["--refresh-interval", "1s", "--max-stale", "8s"],
     );
     let before = http_get(&gw.url("/openid/v1/jwks"), &[]);
     assert_eq!(before.status, 200);
+    let discovery_before = http_get(&gw.url("/.well-known/openid-configuration"), &[]);
+    assert_eq!(discovery_before.status, 200);
 
     kms.proc.kill();
     // Not ready while it cannot refresh, but still serving the last good key set.
@@ -336,13 +369,19 @@ fn the_gateway_rides_out_a_key_service_outage_then_stops_serving_stale_keys() {
         200,
         "still alive"
     );
+    // Within --max-stale both documents are still the last good ones, byte for byte.
     let during = http_get(&gw.url("/openid/v1/jwks"), &[]);
-    if during.status == 200 {
-        assert_eq!(
-            during.body, before.body,
-            "the last good key set, never an empty one"
-        );
-    }
+    assert_eq!(during.status, 200, "serves the last good key set");
+    assert_eq!(
+        during.body, before.body,
+        "the last good key set, never an empty one"
+    );
+    assert_eq!(during.header("etag"), before.header("etag"));
+    let discovery = http_get(&gw.url("/.well-known/openid-configuration"), &[]);
+    assert_eq!(
+        (discovery.status, discovery.body),
+        (200, discovery_before.body)
+    );
     // Past --max-stale: 503, never an empty or stale set.
     let stale = eventually(Duration::from_secs(15), || {
         let r = http_get(&gw.url("/openid/v1/jwks"), &[]);
@@ -374,8 +413,12 @@ fn every_signature_and_rotation_leaves_an_audit_record_without_the_token() {
     let refused = stack.kms.sign(sign_request("", &[AUD])).unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     let r = stack.kms.rotate(0).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    let log = plain_log(&stack.kms.proc.log_text());
+    let log = eventually(Duration::from_secs(10), || {
+        let log = plain_log(&stack.kms.proc.log_text());
+        log.contains(&format!("kid={}", r.new_key_id))
+            .then_some(log)
+    })
+    .expect("the rotation is audited");
     let audit: Vec<&str> = log.lines().filter(|l| l.contains("audit")).collect();
     let signed = audit
         .iter()
@@ -392,6 +435,23 @@ fn every_signature_and_rotation_leaves_an_audit_record_without_the_token() {
     ] {
         assert!(signed.contains(&field), "missing {field}: {signed}");
     }
+    // Its time is the line's own timestamp (RFC 3339, UTC), and each call has exactly one record.
+    assert!(
+        signed
+            .get(..4)
+            .is_some_and(|y| y.bytes().all(|b| b.is_ascii_digit()))
+            && signed.get(10..11) == Some("T")
+            && signed.contains("Z "),
+        "timestamped: {signed}"
+    );
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|l| l.contains(&format!("jti={}", t.token_id)))
+            .count(),
+        1,
+        "one record per signature: {log}"
+    );
     assert!(
         audit.iter().any(|l| l.contains("outcome=INVALID_ARGUMENT")),
         "{log}"

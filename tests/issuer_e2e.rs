@@ -230,6 +230,27 @@ fn bad_requests_get_invalid_argument_naming_the_field() {
         "states the maximum: {}",
         status.message()
     );
+    // A pre-publication lead shorter than the JWKS cache lifetime (300 s here), longer than 30
+    // days, or negative is refused, and no key is made.
+    let kids = stack.kms.kids();
+    for (lead, says) in [
+        (10, "at least 300 s"),
+        (31 * 86_400, "30 days"),
+        (-1, "negative"),
+    ] {
+        let status = stack.kms.rotate(lead).unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{lead}: {status:?}"
+        );
+        assert!(
+            status.message().starts_with("prepublish_seconds") && status.message().contains(says),
+            "{lead}: {}",
+            status.message()
+        );
+    }
+    assert_eq!(stack.kms.kids(), kids);
     // A lifetime at the maximum is fine, and exact.
     let t = stack
         .kms

@@ -87,6 +87,30 @@ fn kube_apiserver_signs_and_verifies_through_both_packages() {
         timestamps[0], timestamps[1],
         "one key set, one data_timestamp, whichever package asks"
     );
+
+    // Each Sign left an audit record naming the package's RPC, the subject and the outcome,
+    // never the claims it signed.
+    let log = eventually(Duration::from_secs(10), || {
+        let log = stack.kms.proc.log_text();
+        (log.contains("v1alpha1.ExternalJWTSigner/Sign")
+            && log.contains("v1.ExternalJWTSigner/Sign"))
+        .then_some(log)
+    })
+    .expect("both packages' Sign calls are audited");
+    for package in ["v1alpha1", "v1"] {
+        let rpc = format!("\"{package}.ExternalJWTSigner/Sign\"");
+        let record = log
+            .lines()
+            .find(|l| {
+                l.contains("audit")
+                    && l.contains(&rpc)
+                    && l.contains("system:serviceaccount:default:app")
+            })
+            .unwrap_or_else(|| panic!("{package}: no audit record: {log}"));
+        assert!(record.contains("outcome=\"ok\""), "{record}");
+        assert!(record.contains("jti="), "{record}");
+    }
+    assert!(!log.contains("kubernetes.io"), "no claims in the log");
 }
 
 #[test]

@@ -11,18 +11,18 @@ use oidc_kms::grpc::pb;
 
 #[test]
 fn scheduled_rotation_goes_next_active_previous_gone_in_the_gateway_jwks() {
-    // Period 6 s, pre-publication 2 s, tokens live at most 3 s.
+    // Period 8 s, pre-publication 2 s, tokens live at most 5 s.
     let stack = Stack::start(
         "/",
         &[
             "--algorithm",
             "ES256",
             "--rotation-period",
-            "6s",
+            "8s",
             "--prepublish",
             "2s",
             "--max-token-lifetime",
-            "3s",
+            "5s",
         ],
     );
     let first = stack.kms.sign_simple();
@@ -61,7 +61,8 @@ fn scheduled_rotation_goes_next_active_previous_gone_in_the_gateway_jwks() {
     verify(&second.token, &jwks, &stack.kms.issuer, AUD)
         .expect("a token of the new key verifies against the JWKS fetched before it signed");
 
-    // k1 stays published as previous for the max lifetime, then leaves the gateway's JWKS.
+    // k1 stops signing but stays published as previous: the gateway serves both keys, and k1's
+    // last token still verifies against what it serves now.
     let states: Vec<_> = stack
         .kms
         .list_keys()
@@ -70,14 +71,27 @@ fn scheduled_rotation_goes_next_active_previous_gone_in_the_gateway_jwks() {
         .map(|k| (k.key_id.clone(), k.state()))
         .collect();
     assert!(
-        states.contains(&(k1.clone(), pb::KeyState::Previous)) || !stack.kms.kids().contains(&k1),
+        states.contains(&(k1.clone(), pb::KeyState::Previous))
+            && states.contains(&(k2.clone(), pb::KeyState::Active)),
         "{states:?}"
     );
+    let jwks = stack.wait_for_gateway_kids(&[k1.clone(), k2.clone()]);
+    if while_next.key_id == k1 {
+        verify(&while_next.token, &jwks, &stack.kms.issuer, AUD)
+            .expect("k1's token verifies after k1 stopped signing");
+    }
+
+    // After the max lifetime it leaves the gateway's JWKS, and its sealed record leaves the store.
     eventually(Duration::from_secs(20), || {
         let (_, jwks) = stack.fetch_jwks();
         (!jwks_kids(&jwks).contains(&k1)).then_some(())
     })
     .expect("the old key leaves the gateway's JWKS");
+    let erased = eventually(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(stack.kms.data_dir.join("keyring.json")).ok()?;
+        (!text.contains(&k1) && text.contains(&k2)).then_some(())
+    });
+    assert!(erased.is_some(), "k1's record is erased from keyring.json");
     // And the cache hint keeps relying parties within the pre-publication lead.
     let cc = http_get(&stack.gw.url("/openid/v1/jwks"), &[]);
     assert_eq!(cc.header("cache-control"), Some("public, max-age=2"));

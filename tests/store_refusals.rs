@@ -67,7 +67,7 @@ fn wrong_kek_and_every_kind_of_damage_are_refused_and_nothing_changes() {
     let cases: Vec<(&str, Vec<u8>, i32, &str)> = vec![
         ("truncated", good[..good.len() / 3].to_vec(), 65, "damaged"),
         ("bit flipped", flipped, 66, "altered"),
-        ("records swapped", swapped, 66, "altered"),
+        ("records swapped", swapped, 72, "records swapped"),
         (
             "unknown version",
             text.replacen("\"version\": 1", "\"version\": 2", 1)
@@ -84,6 +84,11 @@ fn wrong_kek_and_every_kind_of_damage_are_refused_and_nothing_changes() {
         let (got, out) = refused(&copy, &kek);
         assert_eq!(got, code, "{label}: {out}");
         assert!(out.contains(words), "{label}: {out}");
+        assert_eq!(
+            out.matches("refusing to start").count(),
+            1,
+            "{label}: one message, said once: {out}"
+        );
         assert!(!out.contains("panicked"), "{label}: {out}");
         assert_eq!(tree_digest(&copy), before, "{label}: files unchanged");
     }
@@ -145,6 +150,26 @@ fn configuration_errors_exit_64_naming_the_setting() {
                 kek.display().to_string(),
             ],
             "--issuer",
+        ),
+        (
+            kms_args(
+                free_port(),
+                &data,
+                &kek,
+                "https://i.example/",
+                &["--prepublish".into(), "0".into()],
+            ),
+            "--prepublish: must be whole seconds and at least 1s",
+        ),
+        (
+            kms_args(
+                free_port(),
+                &data,
+                &kek,
+                "https://i.example/",
+                &["--max-token-lifetime".into(), "1500ms".into()],
+            ),
+            "--max-token-lifetime: must be whole seconds",
         ),
     ];
     for (args, setting) in cases {

@@ -3,12 +3,14 @@
 //! from flags > env > the `--config` TOML file > defaults; invalid ones exit 64.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use oidc_kms::config;
 use oidc_kms::duration::parse_duration;
 use oidc_kms::gateway::{self, GatewayConfig};
+use oidc_kms::grpc::client::{self, SettingNames, TlsFiles};
 use oidc_kms::logging::LogFormat;
 use oidc_kms::shutdown::{self, Shutdown};
 use tokio::net::TcpListener;
@@ -25,6 +27,13 @@ file given by --config, e.g.:
 Precedence: flag > environment > config file > default. Invalid configuration exits with code 64, \
 naming the setting.";
 
+/// The gateway's TLS settings for reaching the key service, as named in errors.
+const KMS_TLS_SETTINGS: SettingNames = SettingNames {
+    ca_cert: "--kms-ca-cert",
+    client_cert: "--kms-client-cert",
+    client_key: "--kms-client-key",
+};
+
 /// The oidc-kms HTTP gateway: public OpenID Connect discovery and JWKS for relying parties.
 #[derive(Debug, clap::Parser)]
 #[command(name = "oidc-gateway", version, about, long_about = None, after_help = CONFIG_HELP)]
@@ -33,13 +42,28 @@ struct Cli {
     #[arg(long, env = "OIDC_GATEWAY_CONFIG")]
     config: Option<std::path::PathBuf>,
 
-    /// The key service's gRPC URL.
+    /// The key service's gRPC URL: http:// for a key service on loopback, https:// for one
+    /// serving TLS (give --kms-ca-cert, and under mutual TLS --kms-client-cert and
+    /// --kms-client-key).
     #[arg(
         long,
         env = "OIDC_GATEWAY_KMS",
         default_value = "http://127.0.0.1:50051"
     )]
     kms: String,
+
+    /// With an https:// --kms: the CA bundle (PEM) that signed the key service's certificate.
+    #[arg(long, env = "OIDC_GATEWAY_KMS_CA_CERT")]
+    kms_ca_cert: Option<PathBuf>,
+
+    /// With an https:// --kms under mutual TLS: the gateway's client certificate chain (PEM).
+    /// The access policy must grant its identity GetJwks (the `reader` role).
+    #[arg(long, env = "OIDC_GATEWAY_KMS_CLIENT_CERT")]
+    kms_client_cert: Option<PathBuf>,
+
+    /// With an https:// --kms under mutual TLS: the gateway's client private key (PEM).
+    #[arg(long, env = "OIDC_GATEWAY_KMS_CLIENT_KEY")]
+    kms_client_key: Option<PathBuf>,
 
     /// HTTP listen address.
     #[arg(long, env = "OIDC_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
@@ -76,13 +100,21 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(64);
     }
-    if let Err(e) = tonic::transport::Endpoint::from_shared(cli.kms.clone()) {
-        eprintln!(
-            "oidc-gateway: invalid configuration: {}",
-            provenance.explain(&format!("--kms {:?}: not a usable URL: {e}", cli.kms))
-        );
-        return ExitCode::from(64);
-    }
+    let tls = TlsFiles {
+        ca_cert: cli.kms_ca_cert.clone(),
+        client_cert: cli.kms_client_cert.clone(),
+        client_key: cli.kms_client_key.clone(),
+    };
+    let kms = match client::endpoint(&cli.kms, &tls, KMS_TLS_SETTINGS) {
+        Ok(endpoint) => endpoint,
+        Err(e) => {
+            eprintln!(
+                "oidc-gateway: invalid configuration: {}",
+                provenance.explain(&e.to_string())
+            );
+            return ExitCode::from(64);
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -103,21 +135,17 @@ fn main() -> ExitCode {
         };
         let (trigger, shutdown) = Shutdown::new();
         let config = GatewayConfig {
-            kms_url: cli.kms,
+            kms,
             refresh_interval: cli.refresh_interval,
             max_stale: cli.max_stale,
         };
-        tracing::info!(listen = %cli.listen, kms = %config.kms_url, "gateway starting");
+        tracing::info!(listen = %cli.listen, kms = %cli.kms, "gateway starting");
         let server = tokio::spawn(gateway::serve(listener, config, shutdown));
         shutdown::signal().await;
         tracing::info!("shutting down");
         trigger.trigger();
         match server.await {
-            Ok(Ok(())) => ExitCode::SUCCESS,
-            Ok(Err(e)) => {
-                eprintln!("oidc-gateway: invalid configuration: {e}");
-                ExitCode::from(64)
-            }
+            Ok(()) => ExitCode::SUCCESS,
             Err(_) => ExitCode::from(70),
         }
     })

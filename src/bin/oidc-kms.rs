@@ -212,10 +212,26 @@ fn check(cli: Cli) -> Result<Config, String> {
         "off" | "0" | "never" => None,
         text => Some(parse_duration(text).map_err(|e| format!("--rotation-period: {e}"))?),
     };
-    if let Some(period) = rotation_period
-        && cli.prepublish >= period
-    {
-        return Err("--prepublish must be shorter than --rotation-period".into());
+    if cli.max_token_lifetime.subsec_nanos() != 0 {
+        return Err(
+            "--max-token-lifetime: must be whole seconds (tokens carry times in seconds)".into(),
+        );
+    }
+    if cli.prepublish < Duration::from_secs(1) || cli.prepublish.subsec_nanos() != 0 {
+        return Err(format!(
+            "--prepublish: must be whole seconds and at least 1s, not {}: a scheduled key is \
+             published before it signs, so that verifiers caching the JWKS hold it in time \
+             (RotateKeys with prepublish_seconds 0 rotates at once)",
+            oidc_kms::duration::format_duration(cli.prepublish)
+        ));
+    }
+    if let Some(period) = rotation_period {
+        if period.subsec_nanos() != 0 {
+            return Err("--rotation-period: must be whole seconds".into());
+        }
+        if cli.prepublish >= period {
+            return Err("--prepublish must be shorter than --rotation-period".into());
+        }
     }
     let data_dir = match (&cli.data_dir, cli.dev) {
         (Some(d), _) => d.clone(),
@@ -368,6 +384,17 @@ fn dev_kek(path: &Path) -> Result<Kek, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         return Kek::from_base64(&text).map_err(|e| format!("{}: {e}", path.display()));
     }
+    // A store without its dev KEK was sealed with another KEK: say so, and write nothing.
+    if let Some(dir) = path.parent()
+        && dir.join(oidc_kms::keys::KEYRING_FILE).exists()
+    {
+        return Err(format!(
+            "{} holds a key store but not its development KEK ({}); give the KEK that sealed it \
+             with --kek-file or OIDC_KMS_KEK, or move the directory away to start afresh",
+            dir.display(),
+            path.display()
+        ));
+    }
     let kek = Kek::generate().map_err(|e| e.to_string())?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -430,10 +457,26 @@ fn main() -> ExitCode {
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("oidc-kms: {:#}", failure.error);
+            eprintln!("oidc-kms: {}", one_line(&failure.error));
             ExitCode::from(failure.code)
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: library errors already show their
+/// source in their own message, and repeating it would double the line.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 struct Failure {
@@ -543,7 +586,8 @@ async fn run(config: Config) -> Result<(), Failure> {
             "  grpcurl -plaintext -d '{{\"subject\":\"system:serviceaccount:default:app\",\"audiences\":[\"api://AzureADTokenExchange\"]}}' {grpc_host} oidckms.v1.KeyService/SignToken"
         );
         let config = GatewayConfig {
-            kms_url: format!("http://{grpc_host}"),
+            kms: tonic::transport::Endpoint::from_shared(format!("http://{grpc_host}"))
+                .expect("a socket address makes a URL"),
             refresh_interval: Duration::from_secs(5),
             max_stale: Duration::from_secs(3600),
         };

@@ -10,17 +10,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tonic::transport::Endpoint;
 
 use crate::shutdown::Shutdown;
 
 pub use documents::Documents;
-pub use refresh::{GatewayState, RefreshError};
+pub use refresh::GatewayState;
 
 /// How the gateway keeps its key set current.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
-    /// The key service, e.g. `http://127.0.0.1:50051`.
-    pub kms_url: String,
+    /// The key service: its URL, with TLS for `https://` (made by [`crate::grpc::client`]).
+    pub kms: Endpoint,
     /// The longest time between two refreshes (the key service may ask for shorter).
     pub refresh_interval: Duration,
     /// How long the last good key set is served while the key service cannot be reached.
@@ -28,15 +29,10 @@ pub struct GatewayConfig {
 }
 
 /// Serves the gateway on `listener` until `shutdown`: starts the refresher, then answers requests.
-pub async fn serve(
-    listener: TcpListener,
-    config: GatewayConfig,
-    shutdown: Shutdown,
-) -> Result<(), RefreshError> {
+pub async fn serve(listener: TcpListener, config: GatewayConfig, shutdown: Shutdown) {
     let state = Arc::new(GatewayState::new(config.max_stale));
-    let refresher = refresh::Refresher::new(&config, Arc::clone(&state))?;
+    let refresher = refresh::Refresher::new(&config, Arc::clone(&state));
     let refresh_task = tokio::spawn(refresher.run(shutdown.clone()));
     http::serve(listener, state, shutdown).await;
     refresh_task.abort();
-    Ok(())
 }

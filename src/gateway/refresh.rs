@@ -5,26 +5,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::GatewayConfig;
 use super::documents::Documents;
 use crate::grpc::pb::{self, key_service_client::KeyServiceClient};
 use crate::jwk::Jwk;
 use crate::shutdown::Shutdown;
-
-/// The gateway could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum RefreshError {
-    /// The key service URL is not usable.
-    #[error("--kms {url:?} is not a usable URL: {source}")]
-    BadUrl {
-        /// The URL given.
-        url: String,
-        /// Why.
-        source: tonic::transport::Error,
-    },
-}
 
 /// What the HTTP side reads: the current documents and whether the last refresh worked.
 #[derive(Debug)]
@@ -107,22 +94,19 @@ fn jwk(k: pb::Jwk) -> Jwk {
 }
 
 impl Refresher {
-    /// A refresher for `config.kms_url`; connects lazily, so the key service may start later.
-    pub fn new(config: &GatewayConfig, state: Arc<GatewayState>) -> Result<Self, RefreshError> {
-        let bad = |source| RefreshError::BadUrl {
-            url: config.kms_url.clone(),
-            source,
-        };
-        let endpoint = Endpoint::from_shared(config.kms_url.clone())
-            .map_err(bad)?
+    /// A refresher for `config.kms`; connects lazily, so the key service may start later.
+    pub fn new(config: &GatewayConfig, state: Arc<GatewayState>) -> Self {
+        let endpoint = config
+            .kms
+            .clone()
             .connect_timeout(CALL_TIMEOUT)
             .timeout(CALL_TIMEOUT);
-        Ok(Refresher {
+        Refresher {
+            url: endpoint.uri().to_string(),
             client: KeyServiceClient::new(endpoint.connect_lazy()),
-            url: config.kms_url.clone(),
             interval: config.refresh_interval,
             state,
-        })
+        }
     }
 
     /// One refresh; returns how long the key service lets relying parties cache the set.

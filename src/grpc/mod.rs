@@ -8,6 +8,7 @@
 pub mod access;
 pub mod audit;
 pub mod caller;
+pub mod client;
 pub mod deadline;
 pub mod instrument;
 pub mod k8s_signer;

@@ -12,7 +12,8 @@ impl From<Error> for Status {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::Lifecycle(LifecycleError::RotationPending { .. }) => Code::FailedPrecondition,
             Error::Lifecycle(LifecycleError::Inconsistent(_)) => Code::Internal,
-            Error::NoActiveKey | Error::ShuttingDown => Code::Unavailable,
+            Error::NoActiveKey | Error::ShuttingDown | Error::Halted => Code::Unavailable,
+            Error::Store(StoreError::Indeterminate { .. }) => Code::Unavailable,
             Error::Overloaded { .. } => Code::ResourceExhausted,
             Error::DeadlineExceeded => Code::DeadlineExceeded,
             Error::Store(StoreError::Io { .. }) => {

@@ -3,9 +3,16 @@
 //!
 //! Each private key is sealed on its own (AES-256-GCM, key id as associated data); the whole file
 //! carries an HMAC under a KEK subkey, so any change to any byte — a time, a state, a record moved
-//! — is caught, and a KEK check value tells a wrong KEK apart from an altered file. Every commit is
-//! written to a temp file, fsynced, renamed over the old file and the directory fsynced: the store
-//! is always either the old keyring or the new one.
+//! — is caught, and a KEK check value tells a wrong KEK apart from an altered file. When the HMAC
+//! fails, the records are examined to say what was done: a sealed key that opens only under another
+//! record's kid is a swap ([`StoreError::Swapped`]), one that opens under no kid an altered key, and
+//! otherwise some other field changed.
+//!
+//! Every commit is written to a temp file, fsynced, renamed over the old file and the directory
+//! fsynced: the store is always either the old keyring or the new one. A failure before the rename
+//! leaves the old file untouched. A failure of the directory fsync after it (the new file may or may
+//! not survive a crash) puts the previous keyring back the same way; if even that fails, the store
+//! cannot say what is on disk and refuses every later commit ([`StoreError::Indeterminate`]).
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -28,7 +35,9 @@ use super::software_key::SoftwareKey;
 use super::spec::KeySpec;
 use super::store::{KeyStore, LoadedKeys, StoreError};
 
-const FILE_NAME: &str = "keyring.json";
+/// The keyring file's name inside the data directory.
+pub const KEYRING_FILE: &str = "keyring.json";
+const FILE_NAME: &str = KEYRING_FILE;
 const TEMP_NAME: &str = "keyring.json.tmp";
 const LOCK_NAME: &str = "LOCK";
 const FORMAT: &str = "oidc-kms-keyring";
@@ -69,6 +78,33 @@ pub struct FileStore {
     kek_check: String,
     /// Sealed keys by kid: the committed ones plus those generated since the last commit.
     sealed: HashMap<String, (KeySpec, SealedKey)>,
+    /// The bytes of the keyring file as last read or durably written, to put back when a commit
+    /// cannot be made durable after its rename. `None` before the first load or commit.
+    on_disk: Option<Vec<u8>>,
+    /// Set when a failed commit could not be undone: what is on disk is then unknown.
+    indeterminate: bool,
+    /// Test hook: makes steps of the atomic write fail, as a full, read-only or failing disk would.
+    #[cfg(test)]
+    fault: Arc<std::sync::Mutex<Option<Fault>>>,
+}
+
+/// A failure a test injects: the next `times` occurrences of step `at` fail with `kind`.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy)]
+struct Fault {
+    at: WriteStep,
+    kind: std::io::ErrorKind,
+    times: u32,
+}
+
+/// The steps of an atomic write, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteStep {
+    Create,
+    Write,
+    SyncFile,
+    Rename,
+    SyncDir,
 }
 
 impl std::fmt::Debug for FileStore {
@@ -114,9 +150,66 @@ impl FileStore {
             mac_key: hmac::Key::new(hmac::HMAC_SHA256, &kek.derive(b"keyring mac")[..]),
             kek_check: B64.encode(&kek.derive(b"kek check value")[..]),
             sealed: HashMap::new(),
+            on_disk: None,
+            indeterminate: false,
+            #[cfg(test)]
+            fault: Arc::default(),
             dir,
             _lock: lock,
         })
+    }
+
+    /// Fails as the test hook says; nothing in a normal build.
+    fn step(&self, _step: WriteStep) -> std::io::Result<()> {
+        #[cfg(test)]
+        if let Some(fault) = self
+            .fault
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_mut()
+            .filter(|f| f.at == _step && f.times > 0)
+        {
+            fault.times -= 1;
+            return Err(std::io::Error::new(fault.kind, "injected by a test"));
+        }
+        Ok(())
+    }
+
+    /// Temp file, fsync, rename over the keyring, fsync the directory. Returns the error and
+    /// whether the rename had happened.
+    fn write_atomically(&self, bytes: &[u8]) -> Result<(), (StoreError, bool)> {
+        let tmp = self.dir.join(TEMP_NAME);
+        let target = self.dir.join(FILE_NAME);
+        let before_rename = (|| {
+            self.step(WriteStep::Create)
+                .and_then(|()| {
+                    OpenOptions::new()
+                        .create(true)
+                        .truncate(true)
+                        .write(true)
+                        .open(&tmp)
+                })
+                .map_err(io_err("create", &tmp))
+                .and_then(|mut f| {
+                    restrict(&tmp, 0o600);
+                    self.step(WriteStep::Write)
+                        .and_then(|()| f.write_all(bytes))
+                        .map_err(io_err("write", &tmp))?;
+                    self.step(WriteStep::SyncFile)
+                        .and_then(|()| f.sync_all())
+                        .map_err(io_err("fsync", &tmp))
+                })?;
+            self.step(WriteStep::Rename)
+                .and_then(|()| fs::rename(&tmp, &target))
+                .map_err(io_err("rename into place", &target))
+        })();
+        if let Err(e) = before_rename {
+            let _ = fs::remove_file(&tmp);
+            return Err((e, false));
+        }
+        self.step(WriteStep::SyncDir)
+            .and_then(|()| File::open(&self.dir).and_then(|d| d.sync_all()))
+            .map_err(|e| (io_err("fsync the data directory", &self.dir)(e), true))
     }
 
     /// The path of the keyring file.
@@ -177,6 +270,92 @@ fn decode(field: &str, text: &str, path: &Path) -> Result<Vec<u8>, StoreError> {
     })
 }
 
+impl FileStore {
+    /// The integrity check failed: say what was done to the file, as far as the records tell.
+    fn what_was_altered(&self, file: &StoreFile, path: PathBuf) -> StoreError {
+        let altered = |reason: String| StoreError::Altered {
+            path: path.clone(),
+            reason,
+        };
+        for stored in &file.keys {
+            let record = match (B64.decode(&stored.nonce), B64.decode(&stored.sealed_pkcs8)) {
+                (Ok(nonce), Ok(ciphertext)) => match <[u8; 12]>::try_from(nonce) {
+                    Ok(nonce) => SealedKey { nonce, ciphertext },
+                    Err(_) => {
+                        return altered(format!("the nonce of key {} was changed", stored.kid));
+                    }
+                },
+                _ => return altered(format!("the sealed key {} is not base64url", stored.kid)),
+            };
+            if self.sealer.open(&stored.kid, &record).is_ok() {
+                continue;
+            }
+            // Does it open as another record's key, with its own nonce or that record's?
+            let opens_as = |other: &StoredKey| {
+                let other_nonce = B64
+                    .decode(&other.nonce)
+                    .ok()
+                    .and_then(|n| <[u8; 12]>::try_from(n).ok());
+                [Some(record.nonce), other_nonce]
+                    .into_iter()
+                    .flatten()
+                    .any(|nonce| {
+                        let moved = SealedKey {
+                            nonce,
+                            ciphertext: record.ciphertext.clone(),
+                        };
+                        self.sealer.open(&other.kid, &moved).is_ok()
+                    })
+            };
+            return match file
+                .keys
+                .iter()
+                .find(|other| other.kid != stored.kid && opens_as(other))
+            {
+                Some(owner) => StoreError::Swapped {
+                    path,
+                    stored_under: stored.kid.clone(),
+                    belongs_to: owner.kid.clone(),
+                },
+                None => altered(format!("the sealed key {} was changed", stored.kid)),
+            };
+        }
+        altered(
+            "integrity check (HMAC) failed: a time, a state or another field was changed".into(),
+        )
+    }
+
+    /// The directory fsync after a rename failed: the new keyring may or may not survive a crash,
+    /// so the previous one is put back the same way, and the commit fails with `cause`. If the
+    /// previous keyring cannot be put back, nothing more is written until a restart reads the file.
+    fn undo_rename(&mut self, cause: StoreError) -> StoreError {
+        let restored = match self.on_disk.take() {
+            Some(previous) => {
+                let result = self.write_atomically(&previous).is_ok();
+                self.on_disk = Some(previous);
+                result
+            }
+            // The first commit of a new store: without it the store is simply empty again.
+            None => {
+                fs::remove_file(self.keyring_path()).is_ok()
+                    && File::open(&self.dir).and_then(|d| d.sync_all()).is_ok()
+            }
+        };
+        if restored {
+            return cause;
+        }
+        self.indeterminate = true;
+        tracing::error!(error = %cause, "the key store could not be made durable nor put back; it refuses every write until oidc-kms is restarted");
+        self.indeterminate_error()
+    }
+
+    fn indeterminate_error(&self) -> StoreError {
+        StoreError::Indeterminate {
+            path: self.keyring_path(),
+        }
+    }
+}
+
 impl KeyStore for FileStore {
     fn load(&mut self) -> Result<Option<LoadedKeys>, StoreError> {
         let path = self.keyring_path();
@@ -191,10 +370,7 @@ impl KeyStore for FileStore {
         }
         let tag = B64.decode(&file.mac).unwrap_or_default();
         if hmac::verify(&self.mac_key, &Self::mac_input(&mut file), &tag).is_err() {
-            return Err(StoreError::Altered {
-                path,
-                reason: "integrity check (HMAC) failed".into(),
-            });
+            return Err(self.what_was_altered(&file, path));
         }
         let altered = |reason: String| StoreError::Altered {
             path: path.clone(),
@@ -251,10 +427,14 @@ impl KeyStore for FileStore {
             })
             .collect();
         self.sealed = sealed;
+        self.on_disk = Some(bytes);
         Ok(Some(LoadedKeys { keyring, signers }))
     }
 
     fn generate(&mut self, spec: KeySpec) -> Result<Arc<dyn Signer>, StoreError> {
+        if self.indeterminate {
+            return Err(self.indeterminate_error());
+        }
         let (key, pkcs8) = SoftwareKey::generate(spec)?;
         let sealed = self.sealer.seal(key.kid(), &pkcs8)?;
         self.sealed.insert(key.kid().to_owned(), (spec, sealed));
@@ -262,6 +442,9 @@ impl KeyStore for FileStore {
     }
 
     fn commit(&mut self, keyring: &Keyring) -> Result<(), StoreError> {
+        if self.indeterminate {
+            return Err(self.indeterminate_error());
+        }
         let mut keys = Vec::with_capacity(keyring.records().len());
         for r in keyring.records() {
             let (_, sealed) = self.sealed.get(&r.kid).ok_or_else(|| StoreError::Damaged {
@@ -289,38 +472,16 @@ impl KeyStore for FileStore {
         file.mac = B64.encode(hmac::sign(&self.mac_key, &Self::mac_input(&mut file)));
         let mut bytes = serde_json::to_vec_pretty(&file).expect("store file serializes");
         bytes.push(b'\n');
-        write_atomically(&self.dir, &bytes)?;
+        match self.write_atomically(&bytes) {
+            Ok(()) => self.on_disk = Some(bytes),
+            Err((e, false)) => return Err(e),
+            Err((e, true)) => return Err(self.undo_rename(e)),
+        }
         // Keys the keyring no longer names are gone from disk now; forget them here too.
         self.sealed
             .retain(|kid, _| keyring.records().iter().any(|r| &r.kid == kid));
         Ok(())
     }
-}
-
-/// Temp file, fsync, rename over the keyring, fsync the directory.
-fn write_atomically(dir: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let tmp = dir.join(TEMP_NAME);
-    let target = dir.join(FILE_NAME);
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
-        restrict(&tmp, 0o600);
-        f.write_all(bytes).map_err(io_err("write", &tmp))?;
-        f.sync_all().map_err(io_err("fsync", &tmp))?;
-        drop(f);
-        fs::rename(&tmp, &target).map_err(io_err("rename into place", &target))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("fsync the data directory", dir))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]
@@ -416,6 +577,189 @@ mod tests {
             let mut s = FileStore::open(dir.path(), &kek).unwrap();
             assert!(s.load().is_err(), "flip at {i} accepted");
         }
+    }
+
+    fn inject(store: &FileStore, at: WriteStep, kind: std::io::ErrorKind, times: u32) {
+        *store.fault.lock().unwrap() = Some(Fault { at, kind, times });
+    }
+
+    /// `ring` with one more key, active at once, made by `store`.
+    fn with_new_key(store: &mut FileStore, ring: &Keyring) -> Keyring {
+        let key = store.generate(KeySpec::P256).unwrap();
+        let mut next = ring.clone();
+        let max = std::time::Duration::from_secs(3600);
+        next.add_key(key.kid().to_owned(), KeySpec::P256, now(), now(), max);
+        next
+    }
+
+    fn reload(dir: &Path, kek: &Kek) -> Keyring {
+        FileStore::open(dir, kek)
+            .unwrap()
+            .load()
+            .unwrap()
+            .unwrap()
+            .keyring
+    }
+
+    #[test]
+    fn a_failure_before_the_rename_leaves_the_old_keyring_and_no_temp_file() {
+        use std::io::ErrorKind;
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::generate().unwrap();
+        let (mut store, ring) = new_store(dir.path(), &kek);
+        let before = fs::read(store.keyring_path()).unwrap();
+        let next = with_new_key(&mut store, &ring);
+        for (at, kind, says) in [
+            (
+                WriteStep::Create,
+                ErrorKind::ReadOnlyFilesystem,
+                "cannot create",
+            ),
+            (WriteStep::Write, ErrorKind::StorageFull, "cannot write"),
+            (WriteStep::SyncFile, ErrorKind::Other, "cannot fsync"),
+            (
+                WriteStep::Rename,
+                ErrorKind::PermissionDenied,
+                "cannot rename",
+            ),
+        ] {
+            inject(&store, at, kind, 1);
+            let err = store.commit(&next).unwrap_err();
+            assert!(matches!(err, StoreError::Io { .. }), "{at:?}: {err}");
+            let text = err.to_string();
+            assert!(
+                text.starts_with(says) && text.contains("keyring.json"),
+                "{text}"
+            );
+            assert_eq!(fs::read(store.keyring_path()).unwrap(), before, "{at:?}");
+            assert!(
+                !dir.path().join(TEMP_NAME).exists(),
+                "{at:?}: temp file left"
+            );
+        }
+        // Once the disk works again, the same keyring commits.
+        store.commit(&next).unwrap();
+        drop(store);
+        assert_eq!(reload(dir.path(), &kek), next);
+    }
+
+    #[test]
+    fn a_failed_directory_fsync_puts_the_previous_keyring_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::generate().unwrap();
+        let (mut store, ring) = new_store(dir.path(), &kek);
+        let before = fs::read(store.keyring_path()).unwrap();
+        let next = with_new_key(&mut store, &ring);
+        inject(&store, WriteStep::SyncDir, std::io::ErrorKind::Other, 1);
+        let err = store.commit(&next).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot fsync the data directory"),
+            "{err}"
+        );
+        assert_eq!(fs::read(store.keyring_path()).unwrap(), before);
+        assert!(!dir.path().join(TEMP_NAME).exists());
+        drop(store);
+        assert_eq!(reload(dir.path(), &kek), ring, "the old keyring, durably");
+    }
+
+    #[test]
+    fn a_keyring_that_cannot_be_put_back_stops_every_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::generate().unwrap();
+        let (mut store, ring) = new_store(dir.path(), &kek);
+        let next = with_new_key(&mut store, &ring);
+        // The commit's directory fsync fails, and so does the one putting the old file back.
+        inject(&store, WriteStep::SyncDir, std::io::ErrorKind::Other, 2);
+        let err = store.commit(&next).unwrap_err();
+        assert!(matches!(err, StoreError::Indeterminate { .. }), "{err}");
+        assert_eq!(err.exit_code(), 74);
+        assert!(err.to_string().contains("restart oidc-kms"), "{err}");
+        assert!(matches!(
+            store.commit(&next),
+            Err(StoreError::Indeterminate { .. })
+        ));
+        assert!(matches!(
+            store.generate(KeySpec::P256),
+            Err(StoreError::Indeterminate { .. })
+        ));
+        // What a restart finds is one keyring or the other, whole.
+        drop(store);
+        let found = reload(dir.path(), &kek);
+        assert!(found == ring || found == next);
+    }
+
+    #[test]
+    fn the_service_keeps_its_key_through_disk_faults_and_stops_when_the_disk_is_unknown() {
+        use crate::clock::ManualClock;
+        use crate::error::Error;
+        use crate::issuer::Issuer;
+        use crate::key_manager::{KeyManager, Settings};
+        use crate::lifecycle::Policy;
+        use crate::token::TokenRequest;
+        use std::time::Duration;
+
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::generate().unwrap();
+        let store = FileStore::open(dir.path(), &kek).unwrap();
+        let fault = Arc::clone(&store.fault);
+        let settings = Settings {
+            issuer: Issuer::parse("https://issuer.example/").unwrap(),
+            policy: Policy {
+                rotation_period: None,
+                ..Policy::default()
+            },
+            new_key_spec: KeySpec::P256,
+        };
+        let clock = Arc::new(ManualClock::new(now()));
+        let manager = KeyManager::open(Box::new(store), clock, settings).unwrap();
+        let request = TokenRequest {
+            subject: "s".into(),
+            audiences: vec!["a".into()],
+            ..TokenRequest::default()
+        };
+        let published = |m: &KeyManager| -> Vec<String> {
+            m.published().keys.into_iter().map(|k| k.kid).collect()
+        };
+        let first = manager.sign_token_blocking(&request).unwrap().kid;
+        let inject = |at, times| {
+            *fault.lock().unwrap() = Some(Fault {
+                at,
+                kind: std::io::ErrorKind::StorageFull,
+                times,
+            })
+        };
+
+        // A full disk: the rotation fails with a clear status, nothing else changes.
+        inject(WriteStep::Write, 1);
+        let status = tonic::Status::from(manager.rotate_blocking(Duration::ZERO).unwrap_err());
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            status.message().contains("cannot write")
+                && status.message().contains("the current key keeps signing"),
+            "{status:?}"
+        );
+        assert_eq!(manager.sign_token_blocking(&request).unwrap().kid, first);
+        assert_eq!(published(&manager), std::slice::from_ref(&first));
+
+        // A failed directory fsync, undone: the same.
+        inject(WriteStep::SyncDir, 1);
+        assert!(manager.rotate_blocking(Duration::ZERO).is_err());
+        assert_eq!(manager.sign_token_blocking(&request).unwrap().kid, first);
+        assert_eq!(published(&manager), std::slice::from_ref(&first));
+
+        // The disk works again: rotations go through.
+        let second = manager.rotate_blocking(Duration::ZERO).unwrap().active_kid;
+        assert_ne!(second, first);
+        assert_eq!(manager.sign_token_blocking(&request).unwrap().kid, second);
+
+        // Nothing can be put back: signing stops rather than sign with keys the disk may not hold.
+        inject(WriteStep::SyncDir, 2);
+        let status = tonic::Status::from(manager.rotate_blocking(Duration::ZERO).unwrap_err());
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        let halted = manager.sign_token_blocking(&request).unwrap_err();
+        assert!(matches!(halted, Error::Halted), "{halted:?}");
+        assert_eq!(tonic::Status::from(halted).code(), tonic::Code::Unavailable);
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub mod spec;
 mod spki;
 pub mod store;
 
-pub use file_store::FileStore;
+pub use file_store::{FileStore, KEYRING_FILE};
 pub use kek::{Kek, KekError};
 pub use public_key::{PublicKey, PublicParams, kid_of};
 pub use signer::{SignError, Signer};

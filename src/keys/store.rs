@@ -74,6 +74,23 @@ pub enum StoreError {
         /// The file.
         path: PathBuf,
     },
+    /// A sealed key sits under another record's kid: records were swapped or moved.
+    #[error("{} was altered: the sealed key stored under kid {stored_under} belongs to kid {belongs_to} (records swapped or moved); refusing to start. Restore it from a backup; it was left as it is", path.display())]
+    Swapped {
+        /// The file.
+        path: PathBuf,
+        /// The record holding a key that is not its own.
+        stored_under: String,
+        /// The kid that key was sealed for.
+        belongs_to: String,
+    },
+    /// A commit failed after its rename and the previous keyring could not be put back: the file
+    /// on disk may be either keyring, so the store accepts no more writes.
+    #[error("{} could not be made durable nor put back after a failed fsync; it may hold the old or the new keyring. Signing and rotation are stopped: fix the disk and restart oidc-kms, which reads whichever keyring is there", path.display())]
+    Indeterminate {
+        /// The file.
+        path: PathBuf,
+    },
     /// The store's integrity check failed: someone or something changed it.
     #[error("{} was altered ({reason}); refusing to start. Restore it from a backup; it was left as it is", path.display())]
     Altered {
@@ -99,8 +116,9 @@ impl StoreError {
             StoreError::Altered { .. } => 66,
             StoreError::UnsupportedVersion { .. } => 67,
             StoreError::WrongKek { .. } => 68,
+            StoreError::Swapped { .. } => 72,
             StoreError::Locked(_) => 75,
-            StoreError::Io { .. } => 74,
+            StoreError::Io { .. } | StoreError::Indeterminate { .. } => 74,
             StoreError::Key(_) | StoreError::Seal(_) => 70,
         }
     }

@@ -1,0 +1,197 @@
+//! How the key service's own clients — the admin CLI and the gateway — reach it: `http://` in
+//! plaintext (a key service on loopback), or `https://` with the CA bundle that signed the
+//! service's certificate and, under mutual TLS, a client certificate that the access policy knows.
+//! The PEM files are read once, when the client is set up.
+
+use std::path::{Path, PathBuf};
+
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+/// The names a client's settings go by, for error messages (`--ca-cert` in the CLI,
+/// `--kms-ca-cert` in the gateway).
+#[derive(Debug, Clone, Copy)]
+pub struct SettingNames {
+    /// The CA bundle's setting.
+    pub ca_cert: &'static str,
+    /// The client certificate's setting.
+    pub client_cert: &'static str,
+    /// The client key's setting.
+    pub client_key: &'static str,
+}
+
+/// The PEM files a client presents; all optional, checked against the URL's scheme.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    /// The CA bundle that signed the key service's certificate.
+    pub ca_cert: Option<PathBuf>,
+    /// This client's certificate chain, for mutual TLS.
+    pub client_cert: Option<PathBuf>,
+    /// This client's private key, for mutual TLS.
+    pub client_key: Option<PathBuf>,
+}
+
+/// A client cannot be set up as configured.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The key service's URL does not parse.
+    #[error("--kms {url:?}: not a usable URL: {source}")]
+    BadUrl {
+        /// The URL given.
+        url: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// An `https://` URL without the CA bundle to check the service's certificate with.
+    #[error("{setting} is required with an https:// --kms URL")]
+    CaRequired {
+        /// The CA bundle's setting.
+        setting: &'static str,
+    },
+    /// TLS files with a plaintext URL: they would be silently ignored.
+    #[error("{setting} is given but --kms {url} is not https://; use an https:// URL for TLS")]
+    TlsWithoutHttps {
+        /// The setting that was given.
+        setting: &'static str,
+        /// The URL.
+        url: String,
+    },
+    /// A client certificate without its key, or the other way round.
+    #[error("{given} needs {missing} as well")]
+    HalfAnIdentity {
+        /// The one given.
+        given: &'static str,
+        /// The one missing.
+        missing: &'static str,
+    },
+    /// A PEM file cannot be read.
+    #[error("{setting} {}: {source}", path.display())]
+    Read {
+        /// Its setting.
+        setting: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TLS configuration was refused (e.g. a file that is not PEM).
+    #[error("TLS: {0}")]
+    Tls(tonic::transport::Error),
+}
+
+/// An endpoint for the key service at `url`, over TLS when it is `https://`.
+pub fn endpoint(url: &str, files: &TlsFiles, names: SettingNames) -> Result<Endpoint, ClientError> {
+    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|source| ClientError::BadUrl {
+        url: url.to_owned(),
+        source,
+    })?;
+    match tls_config(url, files, names)? {
+        Some(tls) => endpoint.tls_config(tls).map_err(ClientError::Tls),
+        None => Ok(endpoint),
+    }
+}
+
+fn tls_config(
+    url: &str,
+    files: &TlsFiles,
+    names: SettingNames,
+) -> Result<Option<ClientTlsConfig>, ClientError> {
+    let given = [
+        (names.ca_cert, &files.ca_cert),
+        (names.client_cert, &files.client_cert),
+        (names.client_key, &files.client_key),
+    ];
+    if !url.starts_with("https://") {
+        return match given.into_iter().find(|(_, f)| f.is_some()) {
+            Some((setting, _)) => Err(ClientError::TlsWithoutHttps {
+                setting,
+                url: url.to_owned(),
+            }),
+            None => Ok(None),
+        };
+    }
+    let identity = match (&files.client_cert, &files.client_key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (Some(_), None) => {
+            return Err(ClientError::HalfAnIdentity {
+                given: names.client_cert,
+                missing: names.client_key,
+            });
+        }
+        (None, Some(_)) => {
+            return Err(ClientError::HalfAnIdentity {
+                given: names.client_key,
+                missing: names.client_cert,
+            });
+        }
+        (None, None) => None,
+    };
+    let ca = files.ca_cert.as_deref().ok_or(ClientError::CaRequired {
+        setting: names.ca_cert,
+    })?;
+    let mut tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(names.ca_cert, ca)?));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(
+            read(names.client_cert, cert)?,
+            read(names.client_key, key)?,
+        ));
+    }
+    Ok(Some(tls))
+}
+
+fn read(setting: &'static str, path: &Path) -> Result<Vec<u8>, ClientError> {
+    std::fs::read(path).map_err(|source| ClientError::Read {
+        setting,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NAMES: SettingNames = SettingNames {
+        ca_cert: "--ca-cert",
+        client_cert: "--client-cert",
+        client_key: "--client-key",
+    };
+
+    #[test]
+    fn settings_must_fit_the_url() {
+        assert!(endpoint("http://127.0.0.1:50051", &TlsFiles::default(), NAMES).is_ok());
+        let err = endpoint("https://kms.example:50051", &TlsFiles::default(), NAMES).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--ca-cert is required with an https:// --kms URL"
+        );
+        let ca_only = TlsFiles {
+            ca_cert: Some("/nonexistent/ca.pem".into()),
+            ..TlsFiles::default()
+        };
+        let err = endpoint("http://127.0.0.1:50051", &ca_only, NAMES).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::TlsWithoutHttps {
+                    setting: "--ca-cert",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = endpoint("https://kms.example:50051", &ca_only, NAMES).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("--ca-cert /nonexistent/ca.pem: "),
+            "{err}"
+        );
+        let half = TlsFiles {
+            client_cert: Some("c.pem".into()),
+            ..ca_only
+        };
+        let err = endpoint("https://kms.example:50051", &half, NAMES).unwrap_err();
+        assert_eq!(err.to_string(), "--client-cert needs --client-key as well");
+        assert!(endpoint("not a url", &TlsFiles::default(), NAMES).is_err());
+    }
+}
