@@ -427,8 +427,9 @@ impl KeyManager {
         let now = self.now();
         let keys = w
             .keyring
-            .records()
+            .retired()
             .iter()
+            .chain(w.keyring.records())
             .map(|r| (r.clone(), r.state(now)))
             .collect();
         let active_kid = w
@@ -616,14 +617,15 @@ impl KeyManager {
             .max(Duration::from_secs(1))
     }
 
-    /// Every key with its state now.
+    /// Every key with its state now: the retired ones the keyring remembers, then the live ones.
     pub fn list_keys(&self) -> (Vec<(KeyRecord, KeyState)>, Option<String>) {
         let set = self.key_set();
         let now = self.now();
         let keys = set
             .keyring
-            .records()
+            .retired()
             .iter()
+            .chain(set.keyring.records())
             .map(|r| (r.clone(), r.state(now)))
             .collect();
         (keys, set.keyring.active(now).map(|r| r.kid.clone()))

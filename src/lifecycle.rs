@@ -25,7 +25,8 @@ pub enum KeyState {
     Active,
     /// Published for verification only, until the tokens it signed have expired.
     Previous,
-    /// Gone from the JWKS; its record is erased at the next store commit.
+    /// Gone from the JWKS; at the next store commit its sealed key is erased, and its record
+    /// moves to the keyring's short history of retired keys.
     Retired,
 }
 
@@ -132,10 +133,22 @@ pub enum LifecycleError {
     Inconsistent(&'static str),
 }
 
-/// Every live key's record, oldest first.
+/// How many retired keys' records the keyring remembers (without their key material), so that
+/// admins can still see which key signed an old token and when it left.
+pub const RETIRED_HISTORY: usize = 10;
+
+/// The history's order: by retirement, then creation, then kid (a total order, so a history
+/// reads back from the store exactly as it was written).
+fn history_order(a: &KeyRecord, b: &KeyRecord) -> std::cmp::Ordering {
+    (a.retires_at, a.created_at, &a.kid).cmp(&(b.retires_at, b.created_at, &b.kid))
+}
+
+/// Every live key's record, oldest first, and the records of the last few retired keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keyring {
     keys: Vec<KeyRecord>,
+    /// Retired keys, oldest first, at most [`RETIRED_HISTORY`].
+    retired: Vec<KeyRecord>,
 }
 
 impl Keyring {
@@ -150,6 +163,7 @@ impl Keyring {
                 signs_until: None,
                 retires_at: None,
             }],
+            retired: Vec::new(),
         }
     }
 
@@ -169,12 +183,42 @@ impl Keyring {
                 "more than one key without an end of signing",
             ));
         }
-        Ok(Keyring { keys })
+        Ok(Keyring {
+            keys,
+            retired: Vec::new(),
+        })
     }
 
-    /// The records, oldest first.
+    /// Adds the stored history of retired keys to a keyring rebuilt by [`Self::from_records`].
+    pub fn with_retired(mut self, mut retired: Vec<KeyRecord>) -> Result<Self, LifecycleError> {
+        if retired.len() > RETIRED_HISTORY {
+            return Err(LifecycleError::Inconsistent("too many retired keys"));
+        }
+        if retired.iter().any(|r| r.retires_at.is_none()) {
+            return Err(LifecycleError::Inconsistent(
+                "a retired key without a retirement time",
+            ));
+        }
+        if retired
+            .iter()
+            .enumerate()
+            .any(|(i, r)| self.get(&r.kid).is_some() || retired[..i].iter().any(|o| o.kid == r.kid))
+        {
+            return Err(LifecycleError::Inconsistent("a key id appears twice"));
+        }
+        retired.sort_by(history_order);
+        self.retired = retired;
+        Ok(self)
+    }
+
+    /// The live records (keys whose private key the store holds), oldest first.
     pub fn records(&self) -> &[KeyRecord] {
         &self.keys
+    }
+
+    /// The last few retired keys' records (see [`RETIRED_HISTORY`]), oldest first.
+    pub fn retired(&self) -> &[KeyRecord] {
+        &self.retired
     }
 
     /// The record of `kid`.
@@ -280,17 +324,19 @@ impl Keyring {
         }
     }
 
-    /// Removes the records of retired keys; returns their kids.
+    /// Moves the records of retired keys to the history (their key material is to be erased);
+    /// returns their kids. The history keeps the last [`RETIRED_HISTORY`].
     pub fn prune(&mut self, now: Timestamp) -> Vec<String> {
-        let mut gone = Vec::new();
-        self.keys.retain(|k| {
-            let keep = k.state(now) != KeyState::Retired;
-            if !keep {
-                gone.push(k.kid.clone());
-            }
-            keep
-        });
-        gone
+        let (gone, live): (Vec<KeyRecord>, Vec<KeyRecord>) = std::mem::take(&mut self.keys)
+            .into_iter()
+            .partition(|k| k.state(now) == KeyState::Retired);
+        self.keys = live;
+        let kids = gone.iter().map(|k| k.kid.clone()).collect();
+        self.retired.extend(gone);
+        self.retired.sort_by(history_order);
+        let excess = self.retired.len().saturating_sub(RETIRED_HISTORY);
+        self.retired.drain(..excess);
+        kids
     }
 
     /// Keeps every key that may still sign published for the (possibly raised) maximum lifetime.
@@ -393,6 +439,40 @@ mod tests {
         assert_eq!(ring.next_event(t(100), &Policy::default()), Some(boundary));
         assert_eq!(ring.prune(boundary), ["k1"]);
         assert_eq!(ring.records().len(), 1);
+        // Its record, without key material, stays in the short history.
+        assert_eq!(ring.retired().len(), 1);
+        assert_eq!(ring.retired()[0].kid, "k1");
+        assert_eq!(ring.retired()[0].state(boundary), KeyState::Retired);
+    }
+
+    #[test]
+    fn the_history_keeps_the_last_retired_keys_and_reads_back_the_same() {
+        let mut ring = Keyring::new("k0".into(), KeySpec::P256, t(0));
+        for i in 1..=(RETIRED_HISTORY as i64 + 5) {
+            rotate_now(&mut ring, &format!("k{i}"), t(i * 10));
+            ring.prune(t(i * 10));
+        }
+        let history: Vec<&str> = ring.retired().iter().map(|k| k.kid.as_str()).collect();
+        assert_eq!(history.len(), RETIRED_HISTORY);
+        assert_eq!(
+            history.last(),
+            Some(&"k13"),
+            "the newest retired key is kept"
+        );
+        assert!(!history.contains(&"k0"), "the oldest are forgotten");
+        let again = Keyring::from_records(ring.records().to_vec())
+            .unwrap()
+            .with_retired(ring.retired().iter().rev().cloned().collect())
+            .unwrap();
+        assert_eq!(again, ring);
+        // A live key cannot also be in the history.
+        let clash = ring.records().to_vec();
+        assert!(
+            Keyring::from_records(clash.clone())
+                .unwrap()
+                .with_retired(clash)
+                .is_err()
+        );
     }
 
     #[test]

@@ -220,8 +220,9 @@ pub fn observe_keys(manager: &KeyManager) {
     ] {
         let count = set
             .keyring
-            .records()
+            .retired()
             .iter()
+            .chain(set.keyring.records())
             .filter(|r| r.state(now) == state)
             .count();
         gauge!(KEYS, "state" => state.as_str()).set(count as f64);

@@ -88,10 +88,30 @@ fn scheduled_rotation_goes_next_active_previous_gone_in_the_gateway_jwks() {
     })
     .expect("the old key leaves the gateway's JWKS");
     let erased = eventually(Duration::from_secs(10), || {
-        let text = std::fs::read_to_string(stack.kms.data_dir.join("keyring.json")).ok()?;
-        (!text.contains(&k1) && text.contains(&k2)).then_some(())
+        let text = std::fs::read(stack.kms.data_dir.join("keyring.json")).ok()?;
+        let file: serde_json::Value = serde_json::from_slice(&text).ok()?;
+        let kids = |list: &str| -> Vec<String> {
+            file[list]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|k| k["kid"].as_str().map(str::to_owned))
+                .collect()
+        };
+        (!kids("keys").contains(&k1) && kids("retired").contains(&k1)).then_some(())
     });
-    assert!(erased.is_some(), "k1's record is erased from keyring.json");
+    assert!(
+        erased.is_some(),
+        "k1's sealed key is erased from keyring.json; only its record stays, in the history"
+    );
+    let listed = stack.kms.list_keys();
+    assert!(
+        listed
+            .keys
+            .iter()
+            .any(|k| k.key_id == k1 && k.state() == pb::KeyState::Retired),
+        "ListKeys shows k1 as retired: {listed:?}"
+    );
     // And the cache hint keeps relying parties within the pre-publication lead.
     let cc = http_get(&stack.gw.url("/openid/v1/jwks"), &[]);
     assert_eq!(cc.header("cache-control"), Some("public, max-age=2"));
@@ -118,6 +138,27 @@ fn ec_services_issue_tokens_that_verify_from_the_jwks_alone() {
             base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, sig).unwrap();
         assert_eq!(sig.len(), sig_len, "{alg}: JOSE r||s, not DER");
         verify(&t.token, &jwks, &stack.kms.issuer, AUD).unwrap_or_else(|e| panic!("{alg}: {e}"));
+    }
+}
+
+#[test]
+fn larger_rsa_keys_issue_tokens_that_verify_from_the_jwks_alone() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    for bits in [3072usize, 4096] {
+        let stack = Stack::start("/", &["--rsa-bits", &bits.to_string()]);
+        let (_, jwks) = stack.fetch_jwks();
+        let k = &jwks["keys"][0];
+        assert_eq!(
+            (k["kty"].as_str(), k["alg"].as_str()),
+            (Some("RSA"), Some("RS256"))
+        );
+        let n = b64.decode(k["n"].as_str().unwrap()).unwrap();
+        assert_eq!(n.len(), bits / 8, "{bits}: the modulus, no leading zero");
+        let t = stack.kms.sign_simple();
+        let sig = b64.decode(t.token.rsplit('.').next().unwrap()).unwrap();
+        assert_eq!(sig.len(), bits / 8);
+        verify(&t.token, &jwks, &stack.kms.issuer, AUD).unwrap_or_else(|e| panic!("{bits}: {e}"));
     }
 }
 

@@ -36,7 +36,14 @@ const KMS_TLS_SETTINGS: SettingNames = SettingNames {
 
 /// The oidc-kms HTTP gateway: public OpenID Connect discovery and JWKS for relying parties.
 #[derive(Debug, clap::Parser)]
-#[command(name = "oidc-gateway", version, about, long_about = None, after_help = CONFIG_HELP)]
+#[command(
+    name = "oidc-gateway",
+    version,
+    about = "The oidc-kms HTTP gateway: public OpenID Connect discovery and JWKS for relying parties, \
+             from a key service's GetJwks. It holds no keys.",
+    long_about = None,
+    after_help = CONFIG_HELP
+)]
 struct Cli {
     /// TOML file of settings, keyed by the long option names.
     #[arg(long, env = "OIDC_GATEWAY_CONFIG")]

@@ -107,7 +107,8 @@ struct Cli {
     #[arg(long, env = "OIDC_KMS_ROTATION_PERIOD", default_value = "7d")]
     rotation_period: String,
 
-    /// How long a scheduled key is published before it signs, so verifiers have cached it.
+    /// How long a scheduled key is published before it signs, so verifiers have cached it (at
+    /// least 1s; also the longest time relying parties are told to cache the JWKS, at most 300s).
     #[arg(long, env = "OIDC_KMS_PREPUBLISH", default_value = "1h", value_parser = parse_duration)]
     prepublish: Duration,
 

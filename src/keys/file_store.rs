@@ -51,8 +51,22 @@ struct StoreFile {
     /// Derived from the KEK; tells "wrong KEK" from "altered file".
     kek_check: String,
     keys: Vec<StoredKey>,
+    /// The last few retired keys: their lifecycle records only, no key material.
+    #[serde(default)]
+    retired: Vec<RetiredKey>,
     /// HMAC-SHA256 over this structure serialized with `mac` empty.
     mac: String,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RetiredKey {
+    kid: String,
+    spec: String,
+    created_at_ms: i64,
+    activates_at_ms: i64,
+    signs_until_ms: Option<i64>,
+    retires_at_ms: i64,
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -410,10 +424,23 @@ impl KeyStore for FileStore {
             signers.push(Arc::new(key));
             sealed.insert(stored.kid.clone(), (spec, record));
         }
-        let keyring = Keyring::from_records(records).map_err(|e| StoreError::Damaged {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let mut retired = Vec::with_capacity(file.retired.len());
+        for r in &file.retired {
+            retired.push(KeyRecord {
+                kid: r.kid.clone(),
+                spec: r.spec.parse().map_err(&altered)?,
+                created_at: Timestamp::from_millis(r.created_at_ms),
+                activates_at: Timestamp::from_millis(r.activates_at_ms),
+                signs_until: r.signs_until_ms.map(Timestamp::from_millis),
+                retires_at: Some(Timestamp::from_millis(r.retires_at_ms)),
+            });
+        }
+        let keyring = Keyring::from_records(records)
+            .and_then(|k| k.with_retired(retired))
+            .map_err(|e| StoreError::Damaged {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
         // Signers in keyring order.
         let signers = keyring
             .records()
@@ -462,11 +489,24 @@ impl KeyStore for FileStore {
                 sealed_pkcs8: B64.encode(&sealed.ciphertext),
             });
         }
+        let retired = keyring
+            .retired()
+            .iter()
+            .map(|r| RetiredKey {
+                kid: r.kid.clone(),
+                spec: r.spec.to_string(),
+                created_at_ms: r.created_at.as_millis(),
+                activates_at_ms: r.activates_at.as_millis(),
+                signs_until_ms: r.signs_until.map(Timestamp::as_millis),
+                retires_at_ms: r.retires_at.map_or(0, Timestamp::as_millis),
+            })
+            .collect();
         let mut file = StoreFile {
             format: FORMAT.into(),
             version: VERSION,
             kek_check: self.kek_check.clone(),
             keys,
+            retired,
             mac: String::new(),
         };
         file.mac = B64.encode(hmac::sign(&self.mac_key, &Self::mac_input(&mut file)));
@@ -511,6 +551,36 @@ mod tests {
         let loaded = again.load().unwrap().unwrap();
         assert_eq!(loaded.keyring, ring);
         assert_eq!(loaded.signers[0].kid(), ring.records()[0].kid);
+    }
+
+    #[test]
+    fn retired_keys_are_remembered_without_their_key_material() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::generate().unwrap();
+        let (mut store, ring) = new_store(dir.path(), &kek);
+        let k1 = ring.records()[0].kid.clone();
+        // Two immediate rotations retire k1 at once (AKS).
+        let mut ring = with_new_key(&mut store, &ring);
+        let key = store.generate(KeySpec::P256).unwrap();
+        let max = std::time::Duration::from_secs(3600);
+        ring.add_key(key.kid().to_owned(), KeySpec::P256, now(), now(), max);
+        assert_eq!(ring.prune(now()), std::slice::from_ref(&k1));
+        store.commit(&ring).unwrap();
+        let file: serde_json::Value =
+            serde_json::from_slice(&fs::read(store.keyring_path()).unwrap()).unwrap();
+        let kids = |list: &str| -> Vec<String> {
+            file[list]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k["kid"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert!(!kids("keys").contains(&k1), "its sealed key is erased");
+        assert_eq!(kids("retired"), std::slice::from_ref(&k1));
+        assert!(file["retired"][0].get("sealed_pkcs8").is_none());
+        drop(store);
+        assert_eq!(reload(dir.path(), &kek), ring, "the history reads back");
     }
 
     #[test]
@@ -760,6 +830,45 @@ mod tests {
         let halted = manager.sign_token_blocking(&request).unwrap_err();
         assert!(matches!(halted, Error::Halted), "{halted:?}");
         assert_eq!(tonic::Status::from(halted).code(), tonic::Code::Unavailable);
+    }
+
+    #[test]
+    fn a_scheduled_rotation_that_cannot_be_written_is_retried() {
+        use crate::clock::ManualClock;
+        use crate::issuer::Issuer;
+        use crate::key_manager::{KeyManager, Settings};
+        use crate::lifecycle::{KeyState, Policy};
+        use std::time::Duration;
+
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::generate().unwrap();
+        let store = FileStore::open(dir.path(), &kek).unwrap();
+        let fault = Arc::clone(&store.fault);
+        let settings = Settings {
+            issuer: Issuer::parse("https://issuer.example/").unwrap(),
+            policy: Policy {
+                max_token_lifetime: Duration::from_secs(600),
+                rotation_period: Some(Duration::from_secs(3600)),
+                prepublish: Duration::from_secs(300),
+            },
+            new_key_spec: KeySpec::P256,
+        };
+        let clock = Arc::new(ManualClock::new(now()));
+        let manager = KeyManager::open(Box::new(store), clock.clone(), settings).unwrap();
+        clock.advance(Duration::from_secs(3300)); // the next key is due now
+        *fault.lock().unwrap() = Some(Fault {
+            at: WriteStep::SyncFile,
+            kind: std::io::ErrorKind::Other,
+            times: 1,
+        });
+        assert!(manager.tick().is_err(), "the write fails");
+        let states = |m: &KeyManager| -> Vec<KeyState> {
+            m.list_keys().0.into_iter().map(|(_, s)| s).collect()
+        };
+        assert_eq!(states(&manager), [KeyState::Active], "nothing changed");
+        // The scheduler's next try goes through.
+        manager.tick().unwrap();
+        assert_eq!(states(&manager), [KeyState::Active, KeyState::Next]);
     }
 
     #[test]
