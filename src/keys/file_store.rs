@@ -759,30 +759,41 @@ mod tests {
         assert!(found == ring || found == next);
     }
 
+    /// A key manager over a file store whose writes the returned handle can make fail.
+    fn manager_over_a_faulty_disk(
+        policy: crate::lifecycle::Policy,
+    ) -> (
+        tempfile::TempDir,
+        crate::key_manager::KeyManager,
+        Arc<std::sync::Mutex<Option<Fault>>>,
+        Arc<crate::clock::ManualClock>,
+    ) {
+        use crate::key_manager::{KeyManager, Settings};
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), &Kek::generate().unwrap()).unwrap();
+        let fault = Arc::clone(&store.fault);
+        let settings = Settings {
+            issuer: crate::issuer::Issuer::parse("https://issuer.example/").unwrap(),
+            policy,
+            new_key_spec: KeySpec::P256,
+        };
+        let clock = Arc::new(crate::clock::ManualClock::new(now()));
+        let manager = KeyManager::open(Box::new(store), clock.clone(), settings).unwrap();
+        (dir, manager, fault, clock)
+    }
+
     #[test]
     fn the_service_keeps_its_key_through_disk_faults_and_stops_when_the_disk_is_unknown() {
-        use crate::clock::ManualClock;
         use crate::error::Error;
-        use crate::issuer::Issuer;
-        use crate::key_manager::{KeyManager, Settings};
+        use crate::key_manager::KeyManager;
         use crate::lifecycle::Policy;
         use crate::token::TokenRequest;
         use std::time::Duration;
 
-        let dir = tempfile::tempdir().unwrap();
-        let kek = Kek::generate().unwrap();
-        let store = FileStore::open(dir.path(), &kek).unwrap();
-        let fault = Arc::clone(&store.fault);
-        let settings = Settings {
-            issuer: Issuer::parse("https://issuer.example/").unwrap(),
-            policy: Policy {
-                rotation_period: None,
-                ..Policy::default()
-            },
-            new_key_spec: KeySpec::P256,
-        };
-        let clock = Arc::new(ManualClock::new(now()));
-        let manager = KeyManager::open(Box::new(store), clock, settings).unwrap();
+        let (_dir, manager, fault, _clock) = manager_over_a_faulty_disk(Policy {
+            rotation_period: None,
+            ..Policy::default()
+        });
         let request = TokenRequest {
             subject: "s".into(),
             audiences: vec!["a".into()],
@@ -834,27 +845,15 @@ mod tests {
 
     #[test]
     fn a_scheduled_rotation_that_cannot_be_written_is_retried() {
-        use crate::clock::ManualClock;
-        use crate::issuer::Issuer;
-        use crate::key_manager::{KeyManager, Settings};
+        use crate::key_manager::KeyManager;
         use crate::lifecycle::{KeyState, Policy};
         use std::time::Duration;
 
-        let dir = tempfile::tempdir().unwrap();
-        let kek = Kek::generate().unwrap();
-        let store = FileStore::open(dir.path(), &kek).unwrap();
-        let fault = Arc::clone(&store.fault);
-        let settings = Settings {
-            issuer: Issuer::parse("https://issuer.example/").unwrap(),
-            policy: Policy {
-                max_token_lifetime: Duration::from_secs(600),
-                rotation_period: Some(Duration::from_secs(3600)),
-                prepublish: Duration::from_secs(300),
-            },
-            new_key_spec: KeySpec::P256,
-        };
-        let clock = Arc::new(ManualClock::new(now()));
-        let manager = KeyManager::open(Box::new(store), clock.clone(), settings).unwrap();
+        let (_dir, manager, fault, clock) = manager_over_a_faulty_disk(Policy {
+            max_token_lifetime: Duration::from_secs(600),
+            rotation_period: Some(Duration::from_secs(3600)),
+            prepublish: Duration::from_secs(300),
+        });
         clock.advance(Duration::from_secs(3300)); // the next key is due now
         *fault.lock().unwrap() = Some(Fault {
             at: WriteStep::SyncFile,
