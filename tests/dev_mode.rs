@@ -39,8 +39,6 @@ fn dev_mode_is_a_working_issuer_driven_by_grpcurl() {
             format!("127.0.0.1:{grpc_port}"),
             "--dev-gateway-listen".into(),
             format!("127.0.0.1:{http_port}"),
-            "--issuer".into(),
-            format!("http://127.0.0.1:{http_port}/"),
         ],
         cwd.path().join("dev.log"),
         Some(cwd.path()),
@@ -106,7 +104,12 @@ fn dev_mode_is_a_working_issuer_driven_by_grpcurl() {
     let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
     let token = answer["token"].as_str().unwrap();
 
+    // With no --issuer, the issuer is the in-process gateway's own address.
     let issuer = format!("http://127.0.0.1:{http_port}/");
+    let discovery = http_get(&format!("{issuer}.well-known/openid-configuration"), &[]);
+    assert_eq!(discovery.status, 200);
+    let discovery: serde_json::Value = serde_json::from_slice(&discovery.body).unwrap();
+    assert_eq!(discovery["issuer"], issuer.as_str());
     let jwks = eventually(Duration::from_secs(20), || {
         let r = http_get(&format!("{issuer}openid/v1/jwks"), &[]);
         (r.status == 200).then(|| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap())

@@ -1,7 +1,7 @@
 //! Operability (issue #7) with the real binaries: Prometheus metrics scraped after real calls,
-//! JSON logs with a span and request id per call, the layered configuration (file < env < flag),
-//! exit 64 on invalid configuration, grpc.health.v1 per service, and the admin CLI against a live
-//! key service.
+//! JSON logs with a span and request id per call, the layered configuration (file < env < flag) of
+//! both binaries, exit 64 on invalid configuration, grpc.health.v1 per service (and NOT_SERVING
+//! once shutdown begins), and the admin CLI against a live key service.
 
 mod common;
 #[path = "common/ops.rs"]
@@ -369,7 +369,7 @@ fn json_logs_carry_an_rpc_span_with_a_request_id_and_no_secrets() {
 fn health_reports_each_service_and_the_whole_server() {
     let dir = tempfile::tempdir().unwrap();
     let kek = write_kek(dir.path());
-    let kms = Kms::start(
+    let mut kms = Kms::start(
         &dir.path().join("data"),
         &kek,
         "https://issuer.example/",
@@ -389,6 +389,24 @@ fn health_reports_each_service_and_the_whole_server() {
     }
     let unknown = ops::health(kms.port, "no.such.Service").unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+    // A client watching health hears NOT_SERVING once shutdown begins, before the server goes.
+    let pid = kms.proc.child.id().to_string();
+    let seen = ops::watch_health_while(kms.port, KEY_SERVICE, || {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    });
+    assert_eq!(
+        seen,
+        [ServingStatus::Serving, ServingStatus::NotServing],
+        "{}",
+        kms.proc.log_text()
+    );
+    let status = wait_exit(&mut kms.proc.child, Duration::from_secs(20)).expect("exits");
+    assert!(status.success(), "{status}: {}", kms.proc.log_text());
 }
 
 /// Starts oidc-kms with `args` and `env` and returns the issuer its GetJwks reports.
@@ -501,6 +519,100 @@ fn configuration_layers_file_under_env_under_flag() {
     let (signed, _) = ops::sign_with_request_id(port, "lifetime-env", three_hours);
     signed.expect("4h from the environment beats 2h from the file");
     assert!(p.terminate().success());
+}
+
+/// Starts oidc-gateway with `args` and `env`, waits until `port` serves discovery, and returns the
+/// issuer it names (which says which key service the gateway reached).
+fn gateway_issuer_with(args: &[&str], env: &[(&str, &str)], port: u16, dir: &Path) -> String {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let mut p = ops::spawn(
+        gateway_bin(),
+        &args,
+        env,
+        dir.join(format!("gw-{port}.log")),
+    );
+    let url = format!("http://127.0.0.1:{port}/.well-known/openid-configuration");
+    let issuer = eventually(Duration::from_secs(30), || {
+        let r = http_get(&url, &[]);
+        (r.status == 200).then(|| {
+            let doc: Value = serde_json::from_slice(&r.body).unwrap();
+            doc["issuer"].as_str().unwrap().to_owned()
+        })
+    })
+    .unwrap_or_else(|| panic!("gateway never served {url}: {}", p.log_text()));
+    assert!(p.terminate().success(), "{}", p.log_text());
+    issuer
+}
+
+#[test]
+fn gateway_configuration_layers_file_under_env_under_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let kek = write_kek(dir.path());
+    // Two key services with different issuers: the discovery document tells them apart.
+    let start = |name: &str| {
+        Kms::start(
+            &dir.path().join(name),
+            &kek,
+            &format!("https://{name}.example/"),
+            &["--algorithm", "ES256"],
+        )
+    };
+    let (file_kms, env_kms) = (start("file"), start("env"));
+    let kms_url = |kms: &Kms| format!("http://{}", kms.endpoint());
+    let (file_port, env_port, flag_port) = (free_port(), free_port(), free_port());
+    let config = dir.path().join("oidc-gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "kms = \"{}\"\nlisten = \"127.0.0.1:{file_port}\"\nmax-stale = \"10m\"\n",
+            kms_url(&file_kms)
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+
+    assert_eq!(
+        gateway_issuer_with(&["--config", config], &[], file_port, dir.path()),
+        "https://file.example/",
+        "the file's kms and listen apply"
+    );
+    let env_kms_url = kms_url(&env_kms);
+    let env_listen = format!("127.0.0.1:{env_port}");
+    assert_eq!(
+        gateway_issuer_with(
+            &[],
+            &[
+                ("OIDC_GATEWAY_CONFIG", config),
+                ("OIDC_GATEWAY_KMS", &env_kms_url),
+                ("OIDC_GATEWAY_LISTEN", &env_listen),
+            ],
+            env_port,
+            dir.path()
+        ),
+        "https://env.example/",
+        "the environment beats the file"
+    );
+    let flag_listen = format!("127.0.0.1:{flag_port}");
+    assert_eq!(
+        gateway_issuer_with(
+            &[
+                "--config",
+                config,
+                "--kms",
+                &kms_url(&file_kms),
+                "--listen",
+                &flag_listen
+            ],
+            &[
+                ("OIDC_GATEWAY_KMS", &env_kms_url),
+                ("OIDC_GATEWAY_LISTEN", &env_listen),
+            ],
+            flag_port,
+            dir.path()
+        ),
+        "https://file.example/",
+        "flags beat the environment"
+    );
 }
 
 /// Arguments, environment, and what the error must mention.

@@ -6,7 +6,7 @@
 //! With a subcommand (`keys list`, `keys rotate`, `token sign`, `kek generate`) it is instead the
 //! admin CLI, a gRPC client of a running key service ([`oidc_kms::cli`]).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -35,7 +35,6 @@ const EXIT_LISTEN: u8 = 69;
 
 const DEV_DATA_DIR: &str = "oidc-kms-data";
 const DEV_KEK_FILE: &str = "dev-kek.b64";
-const DEV_ISSUER: &str = "http://127.0.0.1:8080/";
 /// kube-apiserver refuses an external signer whose maximum token lifetime is shorter.
 const K8S_MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(600);
 
@@ -112,8 +111,9 @@ struct Cli {
     #[arg(long, env = "OIDC_KMS_PREPUBLISH", default_value = "1h", value_parser = parse_duration)]
     prepublish: Duration,
 
-    /// Development mode: data in ./oidc-kms-data, a generated KEK stored beside it, issuer
-    /// http://127.0.0.1:8080/, and the HTTP gateway served in this process. Not for production.
+    /// Development mode: data in ./oidc-kms-data, a generated KEK stored beside it, the HTTP
+    /// gateway served in this process, and that gateway's address as the issuer
+    /// (http://127.0.0.1:8080/ by default). Not for production.
     #[arg(long, env = "OIDC_KMS_DEV")]
     dev: bool,
 
@@ -183,10 +183,26 @@ enum KekSource {
     DevGenerated(PathBuf),
 }
 
+/// The issuer of `--dev` without `--issuer`: the in-process gateway's own address, so the URLs in
+/// tokens and discovery are the ones that answer.
+fn dev_issuer(gateway: SocketAddr) -> String {
+    format!("http://{}/", reachable(gateway))
+}
+
+/// `addr`, with an unspecified IP (`0.0.0.0`, `::`) replaced by loopback: where a local client
+/// reaches a listener bound to it.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, addr.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, addr.port()).into(),
+        _ => addr,
+    }
+}
+
 fn check(cli: Cli) -> Result<Config, String> {
     let issuer_text = match (&cli.issuer, cli.dev) {
         (Some(i), _) => i.clone(),
-        (None, true) => DEV_ISSUER.to_owned(),
+        (None, true) => dev_issuer(cli.dev_gateway_listen),
         (None, false) => {
             return Err(
                 "--issuer is required (e.g. --issuer https://issuer.example/), or use --dev".into(),
@@ -575,14 +591,15 @@ async fn run(config: Config) -> Result<(), Failure> {
     });
     let gateway_task = gateway_listener.map(|l| {
         let issuer = &manager.settings().issuer;
-        let grpc_host = if config.listen.ip().is_unspecified() {
-            SocketAddr::from(([127, 0, 0, 1], config.listen.port()))
-        } else {
-            config.listen
+        let grpc_host = reachable(config.listen);
+        // The local gateway, whatever public URL --issuer names.
+        let http_host = match l.local_addr() {
+            Ok(addr) => reachable(addr),
+            Err(_) => reachable(config.dev_gateway.unwrap_or(config.listen)),
         };
         println!("oidc-kms --dev is running. Try:");
-        println!("  curl {}", issuer.discovery_url());
-        println!("  curl {}", issuer.jwks_url());
+        println!("  curl http://{http_host}{}", issuer.discovery_path());
+        println!("  curl http://{http_host}{}", issuer.jwks_path());
         println!(
             "  grpcurl -plaintext -d '{{\"subject\":\"system:serviceaccount:default:app\",\"audiences\":[\"api://AzureADTokenExchange\"]}}' {grpc_host} oidckms.v1.KeyService/SignToken"
         );

@@ -152,6 +152,37 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Watches the health of `service` on `port` while `during` runs (it is started once the first
+/// status has arrived), and returns every status the stream delivered until it ended.
+pub fn watch_health_while(port: u16, service: &str, during: impl FnOnce()) -> Vec<ServingStatus> {
+    runtime().block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut stream = HealthClient::new(channel)
+            .watch(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let status =
+            |m: tonic_health::pb::HealthCheckResponse| ServingStatus::try_from(m.status).unwrap();
+        let first = stream.message().await.unwrap().expect("a first status");
+        let mut seen = vec![status(first)];
+        during();
+        // The stream ends with the connection (an error once the server has gone, not a panic).
+        while let Ok(Ok(Some(m))) =
+            tokio::time::timeout(Duration::from_secs(20), stream.message()).await
+        {
+            seen.push(status(m));
+        }
+        seen
+    })
+}
+
 /// Waits until the key service on `port` answers GetJwks, and returns the answer.
 pub fn wait_for_jwks(port: u16, proc: &mut Proc) -> pb::GetJwksResponse {
     let rt = runtime();
