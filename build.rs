@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&descriptors),
     )?;
     tonic_prost_build::configure()
+        .codec_path("crate::grpc::codec::StrictCodec")
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;
@@ -20,6 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/k8s/v1/externaljwt.proto",
     ];
     tonic_prost_build::configure()
+        .codec_path("crate::grpc::codec::StrictCodec")
         .build_server(true)
         .build_client(true)
         .compile_fds(protox::compile(k8s_protos, ["proto"])?)?;

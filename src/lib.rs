@@ -17,6 +17,8 @@
 //!   (text or JSON) and request ids.
 //! - [`config`], [`cli`]: the binaries' layered configuration (flag > env > TOML file > default) and
 //!   the admin CLI, a gRPC client of a running key service.
+//! - [`net`]: accepting connections without spinning when descriptors run out; the hyper serve
+//!   loop with request timeouts that the gateway and `/metrics` share.
 //! - [`clock`], [`duration`], [`error`]: injected time, human durations, the error type.
 #![forbid(unsafe_code)]
 
@@ -34,6 +36,7 @@ pub mod keys;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
+pub mod net;
 pub mod shutdown;
 pub mod signing_pool;
 pub mod token;

@@ -9,7 +9,6 @@
 //! `oidc-kms --metrics-listen ADDR` serves `/metrics` on its own plain-HTTP port ([`serve`]);
 //! `oidc-gateway` serves it next to the documents. Recording before [`install`] is a no-op.
 
-use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -20,10 +19,6 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
@@ -303,37 +298,15 @@ fn answer(scrape: &Scrape, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// Serves `GET /metrics` (plain HTTP) on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, scrape: Scrape, shutdown: Shutdown) {
-    let graceful = GracefulShutdown::new();
-    let stop = shutdown.wait();
-    tokio::pin!(stop);
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
-                    continue;
-                }
-            },
-            _ = &mut stop => break,
-        };
-        let scrape = Arc::clone(&scrape);
-        let service = service_fn(move |req: Request<Incoming>| {
-            let response = answer(&scrape, &req);
-            async move { Ok::<_, Infallible>(response) }
-        });
-        let conn = auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-    }
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-    }
+    let handler = move |req: &Request<Incoming>| answer(&scrape, req);
+    crate::net::http::serve(
+        listener,
+        "metrics",
+        Arc::new(handler),
+        shutdown,
+        Duration::from_secs(2),
+    )
+    .await;
 }
 
 #[cfg(test)]

@@ -219,7 +219,68 @@ fn input_limits_name_the_field_and_the_limit() {
     let status = stack.kms.sign(huge).unwrap_err();
     assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
     assert!(status.message().contains("65536"), "{status:?}");
+    // Bytes that are not a SignTokenRequest: a subject that is not UTF-8, and a lifetime of the
+    // wrong wire type. The caller's mistake, so INVALID_ARGUMENT, not INTERNAL.
+    let cases = [
+        (
+            WrongTypes {
+                subject: vec![0xff, 0xfe],
+                audiences: vec![AUD.into()],
+                lifetime_seconds: String::new(),
+            },
+            "invalid string",
+        ),
+        (
+            WrongTypes {
+                subject: b"s".to_vec(),
+                audiences: vec![AUD.into()],
+                lifetime_seconds: "3600".into(),
+            },
+            "invalid wire type",
+        ),
+    ];
+    for (garbage, reason) in cases {
+        let status = call_with(stack.kms.port, garbage).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("not valid protobuf") && status.message().contains(reason),
+            "{status:?}"
+        );
+    }
     stack.kms.sign_simple();
+}
+
+/// SignTokenRequest's field numbers with the wrong types.
+#[derive(Clone, PartialEq, prost::Message)]
+struct WrongTypes {
+    #[prost(bytes = "vec", tag = "1")]
+    subject: Vec<u8>,
+    #[prost(string, repeated, tag = "2")]
+    audiences: Vec<String>,
+    #[prost(string, tag = "3")]
+    lifetime_seconds: String,
+}
+
+/// Sends `message` as a SignToken request, whatever its type.
+fn call_with(port: u16, message: WrongTypes) -> Result<pb::SignTokenResponse, tonic::Status> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let path = http::uri::PathAndQuery::from_static("/oidckms.v1.KeyService/SignToken");
+        let codec = tonic_prost::ProstCodec::<WrongTypes, pb::SignTokenResponse>::default();
+        grpc.unary(tonic::Request::new(message), path, codec)
+            .await
+            .map(tonic::Response::into_inner)
+    })
 }
 
 #[test]

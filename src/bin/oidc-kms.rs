@@ -35,6 +35,8 @@ const EXIT_LISTEN: u8 = 69;
 
 const DEV_DATA_DIR: &str = "oidc-kms-data";
 const DEV_KEK_FILE: &str = "dev-kek.b64";
+/// How long open calls get to finish once shutdown begins.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// kube-apiserver refuses an external signer whose maximum token lifetime is shorter.
 const K8S_MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(600);
 
@@ -620,7 +622,7 @@ async fn run(config: Config) -> Result<(), Failure> {
             shutdown.clone().wait(),
         ))
     });
-    let grpc = tokio::spawn(oidc_kms::grpc::server::serve(
+    let mut grpc = tokio::spawn(oidc_kms::grpc::server::serve(
         manager,
         listener,
         config.transport.clone(),
@@ -628,7 +630,7 @@ async fn run(config: Config) -> Result<(), Failure> {
     ));
     tokio::select! {
         _ = shutdown::signal() => tracing::info!("shutting down"),
-        result = grpc => {
+        result = &mut grpc => {
             trigger.trigger();
             return match result {
                 Ok(Ok(())) => Ok(()),
@@ -651,16 +653,27 @@ async fn run(config: Config) -> Result<(), Failure> {
         }
     }
     trigger.trigger();
-    let _ = scheduler.await;
-    if let Some(task) = gateway_task {
-        let _ = task.await;
-    }
-    if let Some(task) = k8s_task {
-        // Removes the socket file once in-flight calls are answered.
-        let _ = task.await;
-    }
-    if let Some(task) = metrics_task {
-        let _ = task.await;
+    let drained = async {
+        let _ = scheduler.await;
+        let _ = grpc.await;
+        if let Some(task) = gateway_task {
+            let _ = task.await;
+        }
+        if let Some(task) = k8s_task {
+            // Removes the socket file once in-flight calls are answered.
+            let _ = task.await;
+        }
+        if let Some(task) = metrics_task {
+            let _ = task.await;
+        }
+    };
+    // A connection that never finishes (a client that opened one and sent nothing) must not hold
+    // the process: after the grace period it exits anyway.
+    if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
+        tracing::warn!(
+            "connections still open {} s after shutdown began; exiting",
+            SHUTDOWN_GRACE.as_secs()
+        );
     }
     Ok(())
 }

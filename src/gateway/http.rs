@@ -3,7 +3,6 @@
 //! is nothing for a framework to do. Each request runs in an `http` span with a request id (echoed
 //! in `x-request-id`) and is counted by path and status.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -11,10 +10,6 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use super::documents::Document;
@@ -146,36 +141,13 @@ pub fn handle(state: &GatewayState, req: &Request<Incoming>) -> Response<Body> {
 
 /// Accepts connections on `listener` until `shutdown`, then lets open requests finish.
 pub async fn serve(listener: TcpListener, state: Arc<GatewayState>, shutdown: Shutdown) {
-    let graceful = GracefulShutdown::new();
-    let stop = shutdown.wait();
-    tokio::pin!(stop);
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-            _ = &mut stop => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let state = Arc::clone(&state);
-        let service = service_fn(move |req: Request<Incoming>| {
-            let response = handle(&state, &req);
-            async move { Ok::<_, Infallible>(response) }
-        });
-        let conn = auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-    }
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
-    }
+    let handler = move |req: &Request<Incoming>| handle(&state, req);
+    crate::net::http::serve(
+        listener,
+        "gateway",
+        Arc::new(handler),
+        shutdown,
+        std::time::Duration::from_secs(5),
+    )
+    .await;
 }

@@ -20,18 +20,19 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::net::{UnixListener, UnixStream};
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 use super::audit::{self, AuditRecord};
 use super::caller::Caller;
 use super::deadline::deadline_of;
+use super::server::MAX_REQUEST_BYTES;
 use super::{k8s_v1, k8s_v1alpha1};
 use crate::clock::Timestamp;
 use crate::error::Error;
 use crate::key_manager::{ExternalSignature, KeyManager};
 use crate::lifecycle::Keyring;
+use crate::net::accept::Incoming;
 
 /// How long [`SignerSocket::bind`] waits for an existing socket to accept a connection.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -359,10 +360,17 @@ pub async fn serve(
     let served = Server::builder()
         .layer(super::instrument::InstrumentLayer)
         .add_service(
-            k8s_v1alpha1::external_jwt_signer_server::ExternalJwtSignerServer::new(signer.clone()),
+            k8s_v1alpha1::external_jwt_signer_server::ExternalJwtSignerServer::new(signer.clone())
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
-        .add_service(k8s_v1::external_jwt_signer_server::ExternalJwtSignerServer::new(signer))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .add_service(
+            k8s_v1::external_jwt_signer_server::ExternalJwtSignerServer::new(signer)
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .serve_with_incoming_shutdown(
+            Incoming::new(listener, "Kubernetes signer socket"),
+            shutdown,
+        )
         .await;
     drop(file);
     served

@@ -9,6 +9,7 @@ pub mod access;
 pub mod audit;
 pub mod caller;
 pub mod client;
+pub mod codec;
 pub mod deadline;
 pub mod instrument;
 pub mod k8s_signer;

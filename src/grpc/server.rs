@@ -10,7 +10,6 @@ use std::future::Future;
 
 use tokio::net::TcpListener;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use super::access::AccessLayer;
@@ -19,6 +18,7 @@ use super::key_service::KeyServiceApi;
 use super::pb::{self, key_service_server::KeyServiceServer};
 use super::tls::Transport;
 use crate::key_manager::KeyManager;
+use crate::net::accept::Incoming;
 
 /// The largest request the key service decodes (claims are capped at 16 KiB; this leaves room
 /// for the rest of a request; anything larger is refused unread, with OUT_OF_RANGE naming the limit).
@@ -95,12 +95,8 @@ pub async fn serve(
             KeyServiceServer::new(KeyServiceApi::new(manager))
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
-        // TCP_NODELAY: a response written while the client's ACK of an earlier small frame is
-        // pending would otherwise wait for the delayed ACK (~40 ms per call on Linux).
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        // TCP_NODELAY is set per connection by `Incoming`, which also pauses on accept failures.
+        .serve_with_incoming_shutdown(Incoming::new(listener, "gRPC"), shutdown)
         .await?;
     Ok(())
 }
