@@ -22,7 +22,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
-use crate::duration::parse_duration;
+use crate::duration::parse_whole_seconds;
 use crate::grpc::client::{self as grpc_client, ClientError, SettingNames, TlsFiles};
 use crate::grpc::instrument::code_name;
 use crate::grpc::pb::{self, key_service_client::KeyServiceClient};
@@ -69,7 +69,7 @@ pub enum KeysCommand {
     /// Rotate now (RotateKeys): the new key signs at once, or after --prepublish.
     Rotate {
         /// Publish the new key this long before it signs (0: it signs at once, as on AKS).
-        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        #[arg(long, default_value = "0s", value_parser = parse_whole_seconds)]
         prepublish: Duration,
         /// How to reach the key service.
         #[command(flatten)]
@@ -89,7 +89,7 @@ pub enum TokenCommand {
         #[arg(long = "aud", required = true)]
         aud: Vec<String>,
         /// Lifetime, e.g. 15m or 1h [default: the service's: 1h, or its maximum if shorter].
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = parse_whole_seconds)]
         lifetime: Option<Duration>,
         /// Extra private claims, as a JSON object (may not set iss, sub, aud, exp, nbf, iat, jti).
         #[arg(long)]

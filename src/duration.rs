@@ -53,6 +53,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// Like [`parse_duration`], for settings the wire carries in seconds: refuses what is not whole
+/// seconds rather than rounding `999ms` down to 0 (which would mean something else entirely).
+pub fn parse_whole_seconds(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d.subsec_nanos() != 0 {
+        return Err(format!("{text:?} is not whole seconds (e.g. 1s, 90s, 15m)"));
+    }
+    Ok(d)
+}
+
 /// Writes a duration back in the shortest of the forms [`parse_duration`] reads.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
@@ -72,6 +82,21 @@ pub fn format_duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_seconds_refuse_fractions() {
+        assert_eq!(parse_whole_seconds("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(
+            parse_whole_seconds("2000ms").unwrap(),
+            Duration::from_secs(2)
+        );
+        assert!(
+            parse_whole_seconds("999ms")
+                .unwrap_err()
+                .contains("whole seconds")
+        );
+        assert!(parse_whole_seconds("1s500ms").is_err());
+    }
 
     #[test]
     fn reads_the_usual_forms() {

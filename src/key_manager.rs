@@ -210,8 +210,12 @@ impl KeyManager {
             Some(loaded) => (loaded.keyring, loaded.signers),
             None => {
                 let signer = store.generate(settings.new_key_spec)?;
-                let keyring =
-                    Keyring::new(signer.kid().to_owned(), settings.new_key_spec, clock.now());
+                let keyring = Keyring::new(
+                    signer.kid().to_owned(),
+                    settings.new_key_spec,
+                    clock.now(),
+                    max,
+                );
                 store.commit(&keyring)?;
                 tracing::info!(kid = signer.kid(), spec = %settings.new_key_spec, "created a new key store with one active key");
                 (keyring, vec![signer])
@@ -654,13 +658,58 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path, kek: &Kek, clock: &Arc<ManualClock>) -> KeyManager {
+        open_with(dir, kek, clock, settings())
+    }
+
+    fn open_with(
+        dir: &std::path::Path,
+        kek: &Kek,
+        clock: &Arc<ManualClock>,
+        settings: Settings,
+    ) -> KeyManager {
         let store = FileStore::open(dir, kek).unwrap();
         KeyManager::open(
             Box::new(store),
             Arc::clone(clock) as Arc<dyn Clock>,
-            settings(),
+            settings,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_lowered_max_lifetime_keeps_old_keys_published_for_the_tokens_they_signed() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::generate().unwrap();
+        let clock = Arc::new(ManualClock::new(Timestamp::from_secs(1_700_000_000)));
+        let mut day = settings();
+        day.policy.max_token_lifetime = 24 * H;
+        day.policy.rotation_period = None;
+        let first = open_with(dir.path(), &kek, &clock, day.clone());
+        let k1 = first.list_keys().1.unwrap();
+        drop(first); // k1 may have signed 24 h tokens
+
+        // Restarted with a 10-minute maximum, then rotated.
+        let mut short = day;
+        short.policy.max_token_lifetime = Duration::from_secs(600);
+        let again = open_with(dir.path(), &kek, &clock, short.clone());
+        clock.advance(Duration::from_secs(60));
+        let rotated_at = clock.now();
+        again.rotate_blocking(Duration::ZERO).unwrap();
+        let retires = |m: &KeyManager, kid: &str| m.key_set().keyring.get(kid).unwrap().retires_at;
+        assert_eq!(retires(&again, &k1), Some(rotated_at.plus(24 * H)));
+        // ...and so across another restart.
+        drop(again);
+        let third = open_with(dir.path(), &kek, &clock, short);
+        assert_eq!(retires(&third, &k1), Some(rotated_at.plus(24 * H)));
+        clock.advance(23 * H);
+        third.tick().unwrap();
+        assert!(
+            third
+                .key_set()
+                .keyring
+                .published(clock.now())
+                .any(|k| k.kid == k1)
+        );
     }
 
     #[test]

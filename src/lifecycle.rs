@@ -57,6 +57,9 @@ pub struct KeyRecord {
     pub signs_until: Option<Timestamp>,
     /// When it leaves the JWKS; `None` while no successor is planned.
     pub retires_at: Option<Timestamp>,
+    /// The longest token lifetime in force while it could sign (the maximum may have been lowered
+    /// since): it stays published at least this long after it stops signing.
+    pub max_lifetime: Duration,
 }
 
 impl KeyRecord {
@@ -152,8 +155,8 @@ pub struct Keyring {
 }
 
 impl Keyring {
-    /// A new keyring whose one key is active from `now`.
-    pub fn new(kid: String, spec: KeySpec, now: Timestamp) -> Self {
+    /// A new keyring whose one key is active from `now`, for tokens of up to `max_token_lifetime`.
+    pub fn new(kid: String, spec: KeySpec, now: Timestamp, max_token_lifetime: Duration) -> Self {
         Keyring {
             keys: vec![KeyRecord {
                 kid,
@@ -162,6 +165,7 @@ impl Keyring {
                 activates_at: now,
                 signs_until: None,
                 retires_at: None,
+                max_lifetime: max_token_lifetime,
             }],
             retired: Vec::new(),
         }
@@ -285,6 +289,7 @@ impl Keyring {
             activates_at,
             signs_until: None,
             retires_at: None,
+            max_lifetime: max_token_lifetime,
         });
     }
 
@@ -315,7 +320,8 @@ impl Keyring {
         for key in &mut self.keys {
             if Some(&key.kid) == active_kid.as_ref() {
                 key.signs_until = Some(activates_at);
-                key.retires_at = Some(activates_at.plus(max_token_lifetime));
+                key.max_lifetime = key.max_lifetime.max(max_token_lifetime);
+                key.retires_at = Some(activates_at.plus(key.max_lifetime));
             } else if key.state(now) == KeyState::Previous
                 && (immediate || Some(&key.kid) != newest_previous.as_ref())
             {
@@ -340,10 +346,16 @@ impl Keyring {
     }
 
     /// Keeps every key that may still sign published for the (possibly raised) maximum lifetime.
+    /// A lowered maximum shortens nothing: tokens signed under the old one are still out there.
     /// Returns whether anything changed.
     pub fn apply_max_lifetime(&mut self, now: Timestamp, max_token_lifetime: Duration) -> bool {
         let mut changed = false;
         for key in &mut self.keys {
+            let may_sign = key.signs_until.is_none_or(|t| t > now);
+            if may_sign && key.max_lifetime < max_token_lifetime {
+                key.max_lifetime = max_token_lifetime;
+                changed = true;
+            }
             if let Some(until) = key.signs_until.filter(|t| *t > now) {
                 let needed = until.plus(max_token_lifetime);
                 if key.retires_at.is_none_or(|r| r < needed) {
@@ -426,7 +438,7 @@ mod tests {
 
     #[test]
     fn old_key_stays_published_for_exactly_the_max_lifetime() {
-        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0));
+        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0), DAY);
         rotate_now(&mut ring, "k2", t(100));
         assert_eq!(ring.active(t(100)).unwrap().kid, "k2");
         let boundary = t(100).plus(DAY);
@@ -447,7 +459,7 @@ mod tests {
 
     #[test]
     fn the_history_keeps_the_last_retired_keys_and_reads_back_the_same() {
-        let mut ring = Keyring::new("k0".into(), KeySpec::P256, t(0));
+        let mut ring = Keyring::new("k0".into(), KeySpec::P256, t(0), DAY);
         for i in 1..=(RETIRED_HISTORY as i64 + 5) {
             rotate_now(&mut ring, &format!("k{i}"), t(i * 10));
             ring.prune(t(i * 10));
@@ -477,7 +489,7 @@ mod tests {
 
     #[test]
     fn rotating_twice_retires_the_oldest_at_once() {
-        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0));
+        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0), DAY);
         rotate_now(&mut ring, "k2", t(10));
         rotate_now(&mut ring, "k3", t(20));
         assert_eq!(published(&ring, t(20)), ["k2", "k3"]);
@@ -489,7 +501,7 @@ mod tests {
 
     #[test]
     fn a_prepublished_rotation_keeps_the_newest_previous_key_for_its_tokens() {
-        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0));
+        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0), DAY);
         rotate_now(&mut ring, "k2", t(10));
         let k1_retires = ring.get("k1").unwrap().retires_at;
         assert_eq!(k1_retires, Some(t(10).plus(DAY)));
@@ -511,7 +523,7 @@ mod tests {
 
     #[test]
     fn prepublished_key_is_next_until_its_moment() {
-        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0));
+        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0), DAY);
         let plan = ring.plan_rotation(t(10), H).unwrap();
         assert_eq!(
             plan,
@@ -543,7 +555,7 @@ mod tests {
             rotation_period: Some(H),
             prepublish: Duration::from_secs(600),
         };
-        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0));
+        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0), DAY);
         assert_eq!(ring.rotation_due(t(0), &policy), Some(t(3000)));
         let mut now = t(0);
         for i in 2..8 {
@@ -565,7 +577,7 @@ mod tests {
 
     #[test]
     fn raising_the_max_lifetime_extends_retirement_of_keys_still_signing() {
-        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0));
+        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0), DAY);
         ring.add_key("k2".into(), KeySpec::P256, t(0), t(100), H);
         assert!(ring.apply_max_lifetime(t(50), DAY));
         assert_eq!(ring.get("k1").unwrap().retires_at, Some(t(100).plus(DAY)));
@@ -574,7 +586,7 @@ mod tests {
 
     #[test]
     fn inconsistent_records_are_refused() {
-        let ring = Keyring::new("k1".into(), KeySpec::P256, t(0));
+        let ring = Keyring::new("k1".into(), KeySpec::P256, t(0), DAY);
         let mut twice = ring.records().to_vec();
         twice.push(twice[0].clone());
         assert!(Keyring::from_records(twice).is_err());

@@ -846,6 +846,31 @@ fn admin_cli_against_a_live_service() {
     assert_ne!(new_kid, active);
     assert_eq!(rotated["active_key_id"], new_kid.as_str());
     assert_eq!(stack.kms.list_keys().active_key_id, new_kid);
+    // Durations the wire carries in seconds are refused, not rounded, when they are not whole:
+    // 999ms rounded to 0 would have been an immediate rotation.
+    for args in [
+        ["keys", "rotate", "--prepublish", "999ms"].as_slice(),
+        [
+            "token",
+            "sign",
+            "--sub",
+            "s",
+            "--aud",
+            AUD,
+            "--lifetime",
+            "500ms",
+        ]
+        .as_slice(),
+    ] {
+        let run = ops::cli(&[args, &["--kms", &url]].concat());
+        assert_eq!(run.code, 64, "{args:?}: {}", run.stderr);
+        assert!(run.stderr.contains("whole seconds"), "{}", run.stderr);
+    }
+    assert_eq!(
+        stack.kms.list_keys().active_key_id,
+        new_kid,
+        "nothing rotated"
+    );
     let run = ops::cli(&["keys", "rotate", "--kms", &url, "--prepublish", "10m"]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(run.stdout.contains("signs in 10m"), "{}", run.stdout);

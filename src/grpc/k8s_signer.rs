@@ -385,7 +385,7 @@ mod tests {
     fn data_timestamp_moves_when_a_key_leaves_before_the_snapshot_is_renewed() {
         let t = Timestamp::from_secs;
         let hour = Duration::from_secs(3600);
-        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(100));
+        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(100), hour);
         ring.add_key("k2".into(), KeySpec::P256, t(200), t(200), hour);
         // k1 signs until 200 and leaves the published set at 200 + 1 h.
         let changed = t(200);

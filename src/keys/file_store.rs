@@ -19,6 +19,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Timestamp;
 use crate::lifecycle::{KeyRecord, Keyring};
+use crate::token::LIFETIME_CEILING;
 
 use super::kek::Kek;
 use super::seal::{SealedKey, Sealer};
@@ -67,6 +69,8 @@ struct RetiredKey {
     activates_at_ms: i64,
     signs_until_ms: Option<i64>,
     retires_at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_lifetime_ms: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -78,8 +82,18 @@ struct StoredKey {
     activates_at_ms: i64,
     signs_until_ms: Option<i64>,
     retires_at_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_lifetime_ms: Option<i64>,
     nonce: String,
     sealed_pkcs8: String,
+}
+
+/// A record's longest token lifetime; stores written before records kept it get the 24 h ceiling,
+/// the one guess that never unpublishes a key too early.
+fn lifetime_of(ms: Option<i64>) -> Duration {
+    ms.map_or(LIFETIME_CEILING, |ms| {
+        Duration::from_millis(ms.max(0) as u64)
+    })
 }
 
 /// A key store in a directory on disk, sealed under a KEK.
@@ -420,6 +434,7 @@ impl KeyStore for FileStore {
                 activates_at: Timestamp::from_millis(stored.activates_at_ms),
                 signs_until: stored.signs_until_ms.map(Timestamp::from_millis),
                 retires_at: stored.retires_at_ms.map(Timestamp::from_millis),
+                max_lifetime: lifetime_of(stored.max_lifetime_ms),
             });
             signers.push(Arc::new(key));
             sealed.insert(stored.kid.clone(), (spec, record));
@@ -433,6 +448,7 @@ impl KeyStore for FileStore {
                 activates_at: Timestamp::from_millis(r.activates_at_ms),
                 signs_until: r.signs_until_ms.map(Timestamp::from_millis),
                 retires_at: Some(Timestamp::from_millis(r.retires_at_ms)),
+                max_lifetime: lifetime_of(r.max_lifetime_ms),
             });
         }
         let keyring = Keyring::from_records(records)
@@ -485,6 +501,7 @@ impl KeyStore for FileStore {
                 activates_at_ms: r.activates_at.as_millis(),
                 signs_until_ms: r.signs_until.map(Timestamp::as_millis),
                 retires_at_ms: r.retires_at.map(Timestamp::as_millis),
+                max_lifetime_ms: Some(r.max_lifetime.as_millis() as i64),
                 nonce: B64.encode(sealed.nonce),
                 sealed_pkcs8: B64.encode(&sealed.ciphertext),
             });
@@ -499,6 +516,7 @@ impl KeyStore for FileStore {
                 activates_at_ms: r.activates_at.as_millis(),
                 signs_until_ms: r.signs_until.map(Timestamp::as_millis),
                 retires_at_ms: r.retires_at.map_or(0, Timestamp::as_millis),
+                max_lifetime_ms: Some(r.max_lifetime.as_millis() as i64),
             })
             .collect();
         let mut file = StoreFile {
@@ -536,7 +554,7 @@ mod tests {
         let mut store = FileStore::open(dir, kek).unwrap();
         assert!(store.load().unwrap().is_none());
         let key = store.generate(KeySpec::P256).unwrap();
-        let ring = Keyring::new(key.kid().to_owned(), KeySpec::P256, now());
+        let ring = Keyring::new(key.kid().to_owned(), KeySpec::P256, now(), LIFETIME_CEILING);
         store.commit(&ring).unwrap();
         (store, ring)
     }
