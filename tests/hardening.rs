@@ -438,6 +438,21 @@ fn the_gateway_rides_out_a_key_service_outage_then_stops_serving_stale_keys() {
         "the last good key set, never an empty one"
     );
     assert_eq!(during.header("etag"), before.header("etag"));
+    // Caches are told to keep it only for what is left of the hint: it counts down as the set
+    // ages, so no relying party holds it longer after it was fetched than the key service allows.
+    let max_age = |r: &HttpResponse| -> u64 {
+        let cc = r.header("cache-control").unwrap();
+        cc.strip_prefix("public, max-age=")
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(max_age(&before), 300);
+    eventually(Duration::from_secs(5), || {
+        let r = http_get(&gw.url("/openid/v1/jwks"), &[]);
+        (r.status == 200 && max_age(&r) < 300).then_some(())
+    })
+    .expect("max-age counts down while the set ages");
     let discovery = http_get(&gw.url("/.well-known/openid-configuration"), &[]);
     assert_eq!(
         (discovery.status, discovery.body),
@@ -450,6 +465,16 @@ fn the_gateway_rides_out_a_key_service_outage_then_stops_serving_stale_keys() {
     })
     .expect("503 once the key set is older than --max-stale");
     assert!(String::from_utf8_lossy(&stale.body).contains("key service"));
+    // ...and counted under the JWKS path, where alerts look for it.
+    let metrics = String::from_utf8(http_get(&gw.url("/metrics"), &[]).body).unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("oidc_gateway_http_responses_total")
+                && l.contains("path=\"/openid/v1/jwks\"")
+                && l.contains("status=\"503\"")),
+        "{metrics}"
+    );
 
     // The key service comes back on the same port: the gateway recovers by itself.
     kms.restart_after_kill();

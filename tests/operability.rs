@@ -709,7 +709,26 @@ fn invalid_configuration_exits_64_naming_the_setting() {
     // The gateway too.
     for (args, want) in [
         (vec!["--refresh-interval", "0"], "--refresh-interval"),
+        (vec!["--refresh-interval", "1ms"], "at least 1s"),
+        (
+            vec!["--max-stale", "0"],
+            "--max-stale: must be at least 10s",
+        ),
+        (
+            vec!["--refresh-interval", "10m", "--max-stale", "2s"],
+            "at least 10m, twice the refresh interval (5m)",
+        ),
         (vec!["--kms", "not a url"], "--kms"),
+        (vec!["--kms", "ftp://kms.example"], "use http://"),
+        (
+            vec![
+                "--kms",
+                "https://kms.example",
+                "--kms-ca-cert",
+                unknown.as_str(),
+            ],
+            "--kms-ca-cert",
+        ),
         (
             vec!["--config", unknown.as_str()],
             "unknown setting `colour`",

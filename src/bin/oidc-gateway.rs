@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use oidc_kms::config;
-use oidc_kms::duration::parse_duration;
+use oidc_kms::duration::{format_duration, parse_duration};
+use oidc_kms::gateway::documents::MAX_CACHE_AGE;
 use oidc_kms::gateway::{self, GatewayConfig};
 use oidc_kms::grpc::client::{self, SettingNames, TlsFiles};
 use oidc_kms::logging::LogFormat;
@@ -90,6 +91,29 @@ struct Cli {
     log_format: LogFormat,
 }
 
+/// The refresh interval and the staleness bound must leave the gateway serving while the key
+/// service is up: a refresh at least every second at most, and room for several refreshes (the
+/// effective interval is at most the key service's cache hint, 300 s) before the set counts as stale.
+fn check_timing(refresh_interval: Duration, max_stale: Duration) -> Result<(), String> {
+    if refresh_interval < Duration::from_secs(1) {
+        return Err(format!(
+            "--refresh-interval: must be at least 1s, not {}",
+            format_duration(refresh_interval)
+        ));
+    }
+    let effective = refresh_interval.min(MAX_CACHE_AGE);
+    if max_stale < 2 * effective {
+        return Err(format!(
+            "--max-stale: must be at least {}, twice the refresh interval ({}), not {}: the set \
+             would go stale between refreshes while the key service is up",
+            format_duration(2 * effective),
+            format_duration(effective),
+            format_duration(max_stale)
+        ));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let (cli, provenance) = match config::parse::<Cli>(std::env::args_os().collect(), "config") {
         Ok(layered) => (layered.value, layered.provenance),
@@ -100,10 +124,10 @@ fn main() -> ExitCode {
         tracing::warn!(error = %e, "metrics are disabled");
     }
     oidc_kms::metrics::register_gateway();
-    if cli.refresh_interval.is_zero() {
+    if let Err(e) = check_timing(cli.refresh_interval, cli.max_stale) {
         eprintln!(
             "oidc-gateway: invalid configuration: {}",
-            provenance.explain("--refresh-interval: must be above 0")
+            provenance.explain(&e)
         );
         return ExitCode::from(64);
     }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::HeaderValue;
 use ring::digest::{SHA256, digest};
 use serde::Serialize;
 
@@ -43,8 +44,9 @@ pub struct Documents {
     pub discovery: Document,
     /// `{issuer}/openid/v1/jwks`.
     pub jwks: Document,
-    /// The `Cache-Control` value for both.
-    pub cache_control: String,
+    /// The `Cache-Control` values for both, by seconds left: `[0]` is `max-age=0`, the last is the
+    /// key service's full cache hint. See [`Documents::cache_control`].
+    cache_controls: Vec<HeaderValue>,
     /// The kids served, oldest first.
     pub kids: Vec<String>,
 }
@@ -100,12 +102,27 @@ impl Documents {
         .expect("discovery serializes");
         let jwks = serde_json::to_vec(&JwkSet { keys: &keys }).expect("JWKS serializes");
         let max_age = max_age.min(MAX_CACHE_AGE).as_secs();
+        let cache_controls = (0..=max_age)
+            .map(|secs| {
+                HeaderValue::try_from(format!("public, max-age={secs}")).expect("ASCII header")
+            })
+            .collect();
         Ok(Documents {
             discovery: Document::new(issuer.discovery_path(), discovery, "application/json"),
             jwks: Document::new(issuer.jwks_path(), jwks, "application/jwk-set+json"),
-            cache_control: format!("public, max-age={max_age}"),
+            cache_controls,
             kids: keys.into_iter().map(|k| k.kid).collect(),
         })
+    }
+
+    /// The `Cache-Control` for documents fetched `age` ago: the cache hint less that age, so no
+    /// relying party keeps a key set longer after the key service published it than the hint
+    /// allows (a pre-published key then reaches every cache before it signs), however long this
+    /// gateway waited between refreshes or has been serving a stale set.
+    pub fn cache_control(&self, age: Duration) -> &HeaderValue {
+        let full = self.cache_controls.len() - 1;
+        let left = full.saturating_sub(usize::try_from(age.as_secs()).unwrap_or(usize::MAX));
+        &self.cache_controls[left]
     }
 
     /// The document served at `path`, if any.
@@ -151,7 +168,31 @@ mod tests {
         );
         assert_eq!(d.jwks.path, "/t/1/openid/v1/jwks");
         assert_eq!(d.discovery.path, "/t/1/.well-known/openid-configuration");
-        assert_eq!(d.cache_control, "public, max-age=300");
+        assert_eq!(d.cache_control(Duration::ZERO), "public, max-age=300");
+    }
+
+    #[test]
+    fn max_age_counts_down_with_the_age_of_the_key_set() {
+        let d = Documents::render(
+            "https://i.example/",
+            vec![jwk("a", "ES256")],
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        let at = |secs| {
+            d.cache_control(Duration::from_millis(secs))
+                .to_str()
+                .unwrap()
+        };
+        assert_eq!(at(0), "public, max-age=60");
+        assert_eq!(at(999), "public, max-age=60");
+        assert_eq!(at(45_500), "public, max-age=15");
+        assert_eq!(at(60_000), "public, max-age=0");
+        assert_eq!(
+            at(3_600_000),
+            "public, max-age=0",
+            "stale: revalidate every time"
+        );
     }
 
     #[test]

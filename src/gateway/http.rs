@@ -35,7 +35,11 @@ fn etag_matches(if_none_match: &HeaderValue, etag: &str) -> bool {
     })
 }
 
-fn document(req: &Request<Incoming>, doc: &Document, cache_control: &str) -> Response<Body> {
+fn document(
+    req: &Request<Incoming>,
+    doc: &Document,
+    cache_control: &HeaderValue,
+) -> Response<Body> {
     let not_modified = req
         .headers()
         .get(header::IF_NONE_MATCH)
@@ -60,9 +64,9 @@ fn document(req: &Request<Incoming>, doc: &Document, cache_control: &str) -> Res
 /// Answers one request from the current state.
 pub fn respond(state: &GatewayState, req: &Request<Incoming>) -> Response<Body> {
     let path = req.uri().path();
-    let docs = state.documents();
+    let docs = state.documents_and_age();
     let known = matches!(path, "/healthz" | "/readyz" | "/metrics")
-        || docs.as_ref().is_some_and(|d| d.at(path).is_some());
+        || docs.as_ref().is_some_and(|(d, _)| d.at(path).is_some());
     if known && req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = plain(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -84,14 +88,14 @@ pub fn respond(state: &GatewayState, req: &Request<Incoming>) -> Response<Body> 
         "/metrics" => return metrics(state),
         _ => {}
     }
-    let Some(docs) = docs else {
+    let Some((docs, age)) = docs else {
         return plain(
             StatusCode::SERVICE_UNAVAILABLE,
             "no current key set: the key service has not been reachable\n",
         );
     };
     match docs.at(path) {
-        Some(doc) => document(req, doc, &docs.cache_control),
+        Some(doc) => document(req, doc, docs.cache_control(age)),
         None => plain(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -108,12 +112,13 @@ fn metrics(state: &GatewayState) -> Response<Body> {
     }
 }
 
-/// The metric label of a request path: a path we serve, or `other` (labels stay bounded).
+/// The metric label of a request path: a path we serve (or served, while the set is too stale to
+/// serve), or `other` (labels stay bounded).
 fn path_label(state: &GatewayState, path: &str) -> String {
     match path {
         "/healthz" | "/readyz" | "/metrics" => path.to_owned(),
         _ => state
-            .documents()
+            .last_documents()
             .and_then(|d| d.at(path).map(|doc| doc.path.clone()))
             .unwrap_or_else(|| "other".to_owned()),
     }

@@ -34,11 +34,21 @@ impl GatewayState {
 
     /// The documents to serve, unless there are none or they are older than `max_stale`.
     pub fn documents(&self) -> Option<Arc<Documents>> {
+        self.documents_and_age().map(|(d, _)| d)
+    }
+
+    /// The documents to serve and how long ago they were fetched.
+    pub fn documents_and_age(&self) -> Option<(Arc<Documents>, Duration)> {
         let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
-        current
-            .as_ref()
-            .filter(|(_, at)| at.elapsed() <= self.max_stale)
-            .map(|(d, _)| Arc::clone(d))
+        let (docs, at) = current.as_ref()?;
+        let age = at.elapsed();
+        (age <= self.max_stale).then(|| (Arc::clone(docs), age))
+    }
+
+    /// The last good documents however old: what paths the gateway serves, for labelling.
+    pub fn last_documents(&self) -> Option<Arc<Documents>> {
+        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        current.as_ref().map(|(d, _)| Arc::clone(d))
     }
 
     /// How long ago the key set was last refreshed, and how many keys it holds; `None` before

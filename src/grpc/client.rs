@@ -6,6 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use zeroize::Zeroizing;
+
+use super::tls::{check_certificates, check_private_key};
 
 /// The names a client's settings go by, for error messages (`--ca-cert` in the CLI,
 /// `--kms-ca-cert` in the gateway).
@@ -41,6 +44,12 @@ pub enum ClientError {
         /// Why.
         source: tonic::transport::Error,
     },
+    /// A URL that is neither `http://` nor `https://`.
+    #[error("--kms {url:?}: use http://HOST:PORT (plaintext, loopback) or https://HOST:PORT")]
+    BadScheme {
+        /// The URL given.
+        url: String,
+    },
     /// An `https://` URL without the CA bundle to check the service's certificate with.
     #[error("{setting} is required with an https:// --kms URL")]
     CaRequired {
@@ -73,13 +82,28 @@ pub enum ClientError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// The TLS configuration was refused (e.g. a file that is not PEM).
+    /// A PEM file does not hold what it should.
+    #[error("{setting} {}: {what}", path.display())]
+    Invalid {
+        /// Its setting.
+        setting: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// The TLS configuration was refused.
     #[error("TLS: {0}")]
     Tls(tonic::transport::Error),
 }
 
 /// An endpoint for the key service at `url`, over TLS when it is `https://`.
 pub fn endpoint(url: &str, files: &TlsFiles, names: SettingNames) -> Result<Endpoint, ClientError> {
+    if !url.starts_with("http://") && !url.starts_with("https://") {
+        return Err(ClientError::BadScheme {
+            url: url.to_owned(),
+        });
+    }
     let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|source| ClientError::BadUrl {
         url: url.to_owned(),
         source,
@@ -128,23 +152,35 @@ fn tls_config(
     let ca = files.ca_cert.as_deref().ok_or(ClientError::CaRequired {
         setting: names.ca_cert,
     })?;
-    let mut tls =
-        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(names.ca_cert, ca)?));
+    let ca = read(names.ca_cert, ca, check_certificates)?;
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
     if let Some((cert, key)) = identity {
-        tls = tls.identity(Identity::from_pem(
-            read(names.client_cert, cert)?,
-            read(names.client_key, key)?,
-        ));
+        let cert = read(names.client_cert, cert, check_certificates)?;
+        let key = read(names.client_key, key, check_private_key)?;
+        tls = tls.identity(Identity::from_pem(cert, &*key));
     }
     Ok(Some(tls))
 }
 
-fn read(setting: &'static str, path: &Path) -> Result<Vec<u8>, ClientError> {
-    std::fs::read(path).map_err(|source| ClientError::Read {
+/// Reads a PEM file and checks it holds what `check` wants.
+fn read(
+    setting: &'static str,
+    path: &Path,
+    check: fn(&[u8]) -> Result<(), String>,
+) -> Result<Zeroizing<Vec<u8>>, ClientError> {
+    let bytes = std::fs::read(path)
+        .map(Zeroizing::new)
+        .map_err(|source| ClientError::Read {
+            setting,
+            path: path.to_path_buf(),
+            source,
+        })?;
+    check(&bytes).map_err(|what| ClientError::Invalid {
         setting,
         path: path.to_path_buf(),
-        source,
-    })
+        what,
+    })?;
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -193,5 +229,26 @@ mod tests {
         let err = endpoint("https://kms.example:50051", &half, NAMES).unwrap_err();
         assert_eq!(err.to_string(), "--client-cert needs --client-key as well");
         assert!(endpoint("not a url", &TlsFiles::default(), NAMES).is_err());
+        let err = endpoint("ftp://kms.example", &TlsFiles::default(), NAMES).unwrap_err();
+        assert!(matches!(err, ClientError::BadScheme { .. }), "{err}");
+        // A CA bundle with no certificate in it is refused up front, not at the first call.
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let no_certs = TlsFiles {
+            ca_cert: Some(empty),
+            ..TlsFiles::default()
+        };
+        let err = endpoint("https://kms.example:50051", &no_certs, NAMES).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::Invalid {
+                    setting: "--ca-cert",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }

@@ -102,63 +102,57 @@ pub struct TlsFiles {
 }
 
 /// The PEM blocks of `bytes`, refusing text that is not PEM.
-fn pem_blocks(file: TlsFile, path: &Path, bytes: &[u8]) -> Result<Vec<Pem>, TlsError> {
-    let invalid = |what: String| TlsError::Invalid {
-        file,
-        path: path.to_path_buf(),
-        what,
-    };
+fn pem_blocks(bytes: &[u8]) -> Result<Vec<Pem>, String> {
     let blocks = Pem::iter_from_buffer(bytes)
         .collect::<Result<Vec<Pem>, _>>()
-        .map_err(|e| invalid(format!("not PEM: {e}")))?;
+        .map_err(|e| format!("not PEM: {e}"))?;
     if blocks.is_empty() {
-        return Err(invalid("no PEM block found".into()));
+        return Err("no PEM block found".into());
     }
     Ok(blocks)
 }
 
-/// Checks that `bytes` is PEM holding one or more parseable certificates (and nothing else).
-fn check_certificates(file: TlsFile, path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
-    for block in pem_blocks(file, path, bytes)? {
-        let invalid = |what: String| TlsError::Invalid {
-            file,
-            path: path.to_path_buf(),
-            what,
-        };
+/// Checks that `bytes` is PEM holding one or more parseable certificates (and nothing else);
+/// the error says what is wrong. Shared with the clients' CA bundles ([`super::client`]).
+pub(crate) fn check_certificates(bytes: &[u8]) -> Result<(), String> {
+    for block in pem_blocks(bytes)? {
         if block.label != "CERTIFICATE" {
-            return Err(invalid(format!(
+            return Err(format!(
                 "holds a \"{}\" block; only CERTIFICATE blocks belong here",
                 block.label
-            )));
+            ));
         }
         X509Certificate::from_der(&block.contents)
-            .map_err(|e| invalid(format!("a certificate does not parse: {e}")))?;
+            .map_err(|e| format!("a certificate does not parse: {e}"))?;
     }
     Ok(())
 }
 
 /// Checks that `bytes` is PEM holding exactly one unencrypted private key.
-fn check_private_key(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
-    let invalid = |what: &str| TlsError::Invalid {
-        file: TlsFile::Key,
-        path: path.to_path_buf(),
-        what: what.to_owned(),
-    };
-    let blocks = pem_blocks(TlsFile::Key, path, bytes)?;
+pub(crate) fn check_private_key(bytes: &[u8]) -> Result<(), String> {
+    let blocks = pem_blocks(bytes)?;
     let labels: Vec<String> = blocks.iter().map(|b| b.label.clone()).collect();
     // Pem holds the decoded key bytes; wipe them as soon as the labels are known.
     for mut block in blocks {
         zeroize::Zeroize::zeroize(&mut block.contents);
     }
     if labels.iter().any(|l| l == "ENCRYPTED PRIVATE KEY") {
-        return Err(invalid(
-            "the key is encrypted; give an unencrypted key (and protect the file instead)",
-        ));
+        return Err(
+            "the key is encrypted; give an unencrypted key (and protect the file instead)".into(),
+        );
     }
     match labels.iter().filter(|l| l.ends_with("PRIVATE KEY")).count() {
-        0 => Err(invalid("no PRIVATE KEY block found")),
+        0 => Err("no PRIVATE KEY block found".into()),
         1 => Ok(()),
-        _ => Err(invalid("holds more than one private key")),
+        _ => Err("holds more than one private key".into()),
+    }
+}
+
+fn invalid(file: TlsFile, path: &Path) -> impl FnOnce(String) -> TlsError + '_ {
+    move |what| TlsError::Invalid {
+        file,
+        path: path.to_path_buf(),
+        what,
     }
 }
 
@@ -176,11 +170,11 @@ fn read(file: TlsFile, path: &Path) -> Result<Zeroizing<Vec<u8>>, TlsError> {
 /// client certificates from `files.client_ca`.
 pub fn load_mutual_tls(files: &TlsFiles) -> Result<ServerTlsConfig, TlsError> {
     let cert = read(TlsFile::Cert, &files.cert)?;
-    check_certificates(TlsFile::Cert, &files.cert, &cert)?;
+    check_certificates(&cert).map_err(invalid(TlsFile::Cert, &files.cert))?;
     let key = read(TlsFile::Key, &files.key)?;
-    check_private_key(&files.key, &key)?;
+    check_private_key(&key).map_err(invalid(TlsFile::Key, &files.key))?;
     let ca = read(TlsFile::ClientCa, &files.client_ca)?;
-    check_certificates(TlsFile::ClientCa, &files.client_ca, &ca)?;
+    check_certificates(&ca).map_err(invalid(TlsFile::ClientCa, &files.client_ca))?;
     let config = ServerTlsConfig::new()
         .identity(Identity::from_pem(&*cert, &*key))
         .client_ca_root(Certificate::from_pem(&*ca))
