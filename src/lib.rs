@@ -19,7 +19,8 @@
 //!   the admin CLI, a gRPC client of a running key service.
 //! - [`net`]: accepting connections without spinning when descriptors run out; the hyper serve
 //!   loop with request timeouts that the gateway and `/metrics` share.
-//! - [`clock`], [`duration`], [`error`]: injected time, human durations, the error type.
+//! - [`clock`], [`duration`], [`error`], [`strict_json`]: injected time, human durations, the
+//!   error type, JSON that names each member once.
 #![forbid(unsafe_code)]
 
 pub mod cli;
@@ -39,6 +40,7 @@ pub mod metrics;
 pub mod net;
 pub mod shutdown;
 pub mod signing_pool;
+pub mod strict_json;
 pub mod token;
 
 pub use error::Error;

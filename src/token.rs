@@ -10,6 +10,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::error::Error;
+use crate::strict_json::{self, StrictJsonError};
 
 /// Claims a caller may not set: we write them.
 pub const REGISTERED_CLAIMS: [&str; 7] = ["iss", "sub", "aud", "exp", "nbf", "iat", "jti"];
@@ -86,6 +87,12 @@ impl TokenRequest {
                 format!("longer than {MAX_SUBJECT_CHARS} characters"),
             ));
         }
+        if self.subject.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                "subject",
+                "must not contain control characters",
+            ));
+        }
         if self.audiences.is_empty() {
             return Err(Error::invalid(
                 "audiences",
@@ -112,6 +119,18 @@ impl TokenRequest {
                 return Err(Error::invalid(
                     format!("audiences[{i}]"),
                     format!("longer than {MAX_AUDIENCE_CHARS} characters"),
+                ));
+            }
+            if aud.chars().any(char::is_control) {
+                return Err(Error::invalid(
+                    format!("audiences[{i}]"),
+                    "must not contain control characters",
+                ));
+            }
+            if let Some(first) = self.audiences[..i].iter().position(|a| a == aud) {
+                return Err(Error::invalid(
+                    format!("audiences[{i}]"),
+                    format!("repeats audiences[{first}]"),
                 ));
             }
         }
@@ -196,9 +215,14 @@ pub fn signing_input(encoded_header: &str, claims: &Claims<'_>) -> String {
     out
 }
 
+/// How far ahead of our clock a caller's `iat` may be.
+pub const MAX_CLOCK_SKEW_SECS: i64 = 60;
+
 /// Checks claims that a caller encoded itself (the Kubernetes external-signer protocol): unpadded
-/// base64url of a JSON object whose `iss` is ours, with integer `iat` and `exp`, living at most
-/// `max_lifetime` and expiring no later than `now + max_lifetime`. Returns `exp`.
+/// base64url of a JSON object, each claim named once, whose `iss` is ours, with integer `iat` (not
+/// in the future) and `exp` (after `iat` and now), living at most `max_lifetime` and expiring no
+/// later than `now + max_lifetime`; `nbf`, `sub`, `aud` and `jti`, when present, of their RFC 7519
+/// types. Returns `exp`.
 pub fn check_encoded_claims(
     encoded: &str,
     issuer: &str,
@@ -208,8 +232,14 @@ pub fn check_encoded_claims(
     let bytes = URL_SAFE_NO_PAD
         .decode(encoded)
         .map_err(|_| Error::invalid("claims", "not unpadded base64url"))?;
-    let claims: Map<String, Value> = serde_json::from_slice(&bytes)
-        .map_err(|_| Error::invalid("claims", "does not decode to a JSON object"))?;
+    let claims: Map<String, Value> = strict_json::from_slice(&bytes).map_err(|e| match e {
+        // One verifier would read the first value, another the last.
+        StrictJsonError::Duplicate(e) => Error::invalid(
+            "claims",
+            format!("{e}; claim names must be unique (RFC 7519 section 4)"),
+        ),
+        StrictJsonError::Invalid(_) => Error::invalid("claims", "does not decode to a JSON object"),
+    })?;
     let iss = claims.get("iss").and_then(Value::as_str);
     if iss != Some(issuer) {
         return Err(Error::invalid(
@@ -226,6 +256,49 @@ pub fn check_encoded_claims(
         })
     };
     let (iat, exp) = (int("iat")?, int("exp")?);
+    if exp <= iat {
+        return Err(Error::invalid(
+            "claims.exp",
+            format!("must be after iat ({iat}), not {exp}"),
+        ));
+    }
+    if exp <= now_secs {
+        return Err(Error::invalid(
+            "claims.exp",
+            format!("{exp} has already passed (now is {now_secs})"),
+        ));
+    }
+    if iat > now_secs.saturating_add(MAX_CLOCK_SKEW_SECS) {
+        return Err(Error::invalid(
+            "claims.iat",
+            format!("{iat} is in the future (now is {now_secs})"),
+        ));
+    }
+    if claims.contains_key("nbf") {
+        let nbf = int("nbf")?;
+        if nbf >= exp {
+            return Err(Error::invalid(
+                "claims.nbf",
+                format!("must be before exp ({exp}), not {nbf}"),
+            ));
+        }
+    }
+    // The registered claims a verifier reads must have the types RFC 7519 gives them.
+    for name in ["sub", "jti"] {
+        if claims.get(name).is_some_and(|v| !v.is_string()) {
+            return Err(Error::invalid(format!("claims.{name}"), "must be a string"));
+        }
+    }
+    match claims.get("aud") {
+        None | Some(Value::String(_)) => {}
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {}
+        Some(_) => {
+            return Err(Error::invalid(
+                "claims.aud",
+                "must be a string or an array of strings",
+            ));
+        }
+    }
     let max = i64::try_from(max_lifetime.as_secs()).unwrap_or(i64::MAX);
     if exp.saturating_sub(iat) > max {
         return Err(Error::invalid(
@@ -278,6 +351,43 @@ mod tests {
         assert!(
             msg.starts_with("lifetime_seconds") && msg.contains("86400"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn control_characters_and_repeated_audiences_are_refused() {
+        let message = |r: TokenRequest| r.validate(DAY).unwrap_err().to_string();
+        let msg = message(TokenRequest {
+            subject: "a\nb".into(),
+            ..req()
+        });
+        assert!(
+            msg.starts_with("subject") && msg.contains("control"),
+            "{msg}"
+        );
+        let msg = message(TokenRequest {
+            audiences: vec!["a".into(), "b\u{1b}[0m".into()],
+            ..req()
+        });
+        assert!(
+            msg.starts_with("audiences[1]") && msg.contains("control"),
+            "{msg}"
+        );
+        let msg = message(TokenRequest {
+            audiences: vec!["a".into(), "b".into(), "a".into()],
+            ..req()
+        });
+        assert!(
+            msg.starts_with("audiences[2]: repeats audiences[0]"),
+            "{msg}"
+        );
+        let commas = TokenRequest {
+            audiences: vec!["a,b".into(), "a".into()],
+            ..req()
+        };
+        assert!(
+            commas.validate(DAY).is_ok(),
+            "a comma is an ordinary character"
         );
     }
 
@@ -421,14 +531,62 @@ mod tests {
         );
         assert_eq!(
             field(
-                &enc(serde_json::json!({"iss": iss, "iat": 900, "exp": 1000})),
+                &enc(serde_json::json!({"iss": iss, "iat": 150, "exp": 710})),
                 100
             ),
-            "claims.exp"
+            "claims.exp",
+            "expires more than the maximum lifetime from now"
         );
         assert_eq!(
             field(&enc(serde_json::json!({"iss": iss, "exp": 1000})), 100),
             "claims.iat"
+        );
+        let wrong = |claims: Value| field(&enc(claims), 100);
+        assert_eq!(
+            wrong(serde_json::json!({"iss": iss, "iat": 900, "exp": 1000})),
+            "claims.iat",
+            "issued in the future"
+        );
+        assert_eq!(
+            wrong(serde_json::json!({"iss": iss, "iat": 100, "exp": 100})),
+            "claims.exp",
+            "exp not after iat"
+        );
+        assert_eq!(
+            wrong(serde_json::json!({"iss": iss, "iat": 10, "exp": 90})),
+            "claims.exp",
+            "already expired"
+        );
+        assert_eq!(
+            wrong(serde_json::json!({"iss": iss, "iat": 100, "exp": 700, "nbf": 700})),
+            "claims.nbf"
+        );
+        assert_eq!(
+            wrong(serde_json::json!({"iss": iss, "iat": 100, "exp": 700, "nbf": "soon"})),
+            "claims.nbf"
+        );
+        assert_eq!(
+            wrong(serde_json::json!({"iss": iss, "iat": 100, "exp": 700, "sub": 7})),
+            "claims.sub"
+        );
+        assert_eq!(
+            wrong(serde_json::json!({"iss": iss, "iat": 100, "exp": 700, "aud": ["a", 1]})),
+            "claims.aud"
+        );
+        // The same claim twice: refused, whichever copy would have passed.
+        for text in [
+            format!(r#"{{"iss":"https://evil/","iss":"{iss}","iat":100,"exp":700}}"#),
+            format!(r#"{{"iss":"{iss}","iat":100,"exp":99999999999,"exp":700}}"#),
+        ] {
+            let err = check_encoded_claims(&b64url(text.as_bytes()), iss, DAY, 100).unwrap_err();
+            assert!(err.to_string().contains("must be unique"), "{err}");
+        }
+        let with_all = serde_json::json!({
+            "iss": iss, "iat": 100, "nbf": 100, "exp": 700, "sub": "s", "aud": ["a"], "jti": "j"
+        });
+        assert_eq!(
+            check_encoded_claims(&enc(with_all), iss, DAY, 100).unwrap(),
+            700
         );
     }
 

@@ -514,7 +514,7 @@ fn every_signature_and_rotation_leaves_an_audit_record_without_the_token() {
         format!("kid={}", t.key_id),
         format!("jti={}", t.token_id),
         format!("exp={}", t.expires_at),
-        "aud=aud-1,aud-2".into(),
+        r#"aud=["aud-1","aud-2"]"#.into(),
         "outcome=ok".into(),
         "rpc=oidckms.v1.KeyService/SignToken".into(),
         "caller=unauthenticated@127.0.0.1".into(),

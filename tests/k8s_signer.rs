@@ -259,10 +259,34 @@ fn bad_claims_get_invalid_argument_on_both_packages() {
                 c.as_object_mut().unwrap().remove("exp");
                 encode(&c)
             }),
+            ("already expired", {
+                let mut c = good.clone();
+                c["iat"] = json!(iat - 7200);
+                c["nbf"] = json!(iat - 7200);
+                c["exp"] = json!(iat - 3600);
+                encode(&c)
+            }),
+            ("exp before iat", with("exp", json!(iat - 1))),
+            ("audience of the wrong type", with("aud", json!([1]))),
+            ("a claim named twice", {
+                // A foreign issuer first, ours last: a first-wins verifier would see the foreign one.
+                let text = serde_json::to_string(&good).unwrap();
+                let twice = text.replacen('{', r#"{"iss":"https://evil.example/","#, 1);
+                URL_SAFE_NO_PAD.encode(twice.as_bytes())
+            }),
+            ("claims far above the request limit", {
+                let mut c = good.clone();
+                c["pad"] = json!("x".repeat(200 * 1024));
+                encode(&c)
+            }),
         ];
         for (label, claims) in cases {
             match api.sign(&claims) {
                 Ok(_) => panic!("{package:?}: {label}: signed it"),
+                // The transport refuses an oversized request before it is decoded.
+                Err(s) if label.starts_with("claims far above") => {
+                    assert_eq!(s.code(), Code::OutOfRange, "{package:?}: {label}: {s}")
+                }
                 Err(s) => assert_eq!(s.code(), Code::InvalidArgument, "{package:?}: {label}: {s}"),
             }
         }

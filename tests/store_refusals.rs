@@ -64,8 +64,17 @@ fn wrong_kek_and_every_kind_of_damage_are_refused_and_nothing_changes() {
         keys[1]["sealed_pkcs8"] = a;
         serde_json::to_vec_pretty(&v).unwrap()
     };
+    // A member named twice: whichever copy a reader takes, the file is not what was sealed.
+    let duplicated = text.replacen("\"keys\":", "\"keys\": [], \"keys\":", 1);
+    assert_ne!(duplicated, text);
     let cases: Vec<(&str, Vec<u8>, i32, &str)> = vec![
         ("truncated", good[..good.len() / 3].to_vec(), 65, "damaged"),
+        (
+            "duplicate member",
+            duplicated.into_bytes(),
+            66,
+            "\"keys\" appears more than once",
+        ),
         ("bit flipped", flipped, 66, "altered"),
         ("records swapped", swapped, 72, "records swapped"),
         (
@@ -91,6 +100,23 @@ fn wrong_kek_and_every_kind_of_damage_are_refused_and_nothing_changes() {
         );
         assert!(!out.contains("panicked"), "{label}: {out}");
         assert_eq!(tree_digest(&copy), before, "{label}: files unchanged");
+    }
+
+    // keyring.json as a symbolic link, to the real file or to nothing (an unmounted volume):
+    // refused, never taken for an empty store.
+    for (label, target) in [
+        ("link", keyring.clone()),
+        ("dangling-link", dir.path().join("gone")),
+    ] {
+        let copy = dir.path().join(label);
+        std::fs::create_dir_all(&copy).unwrap();
+        std::os::unix::fs::symlink(&target, copy.join("keyring.json")).unwrap();
+        let before = tree_digest(&copy);
+        let (got, out) = refused(&copy, &kek);
+        assert_eq!(got, 65, "{label}: {out}");
+        assert!(out.contains("symbolic link"), "{label}: {out}");
+        assert_eq!(tree_digest(&copy), before, "{label}: files unchanged");
+        assert!(!target.exists() || std::fs::read(&target).unwrap() == good);
     }
 
     // The original still opens, with the same keys.

@@ -18,7 +18,7 @@ pub struct AuditRecord<'a> {
     pub kid: Option<&'a str>,
     /// The token's subject.
     pub sub: Option<&'a str>,
-    /// The token's audiences, comma-separated.
+    /// The token's audiences, as a JSON array (an audience may itself hold a comma).
     pub aud: Option<String>,
     /// The token's id.
     pub jti: Option<&'a str>,
@@ -47,6 +47,11 @@ pub fn record(caller: &Caller, rec: &AuditRecord<'_>, outcome: Result<(), tonic:
     );
 }
 
+/// The audit form of a token's audiences: a JSON array, so `["a,b"]` and `["a","b"]` differ.
+pub fn audiences<S: serde::Serialize>(list: &[S]) -> String {
+    serde_json::to_string(list).unwrap_or_default()
+}
+
 /// The audit facts of caller-encoded claims (the Kubernetes signer), read best-effort: claims that
 /// do not decode are refused before signing anyway, and then only the outcome matters.
 pub fn claims_facts(
@@ -61,13 +66,10 @@ pub fn claims_facts(
     };
     let text = |k: &str| claims.get(k).and_then(Value::as_str).map(str::to_owned);
     let aud = match claims.get("aud") {
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(Value::Array(a)) => Some(
-            a.iter()
-                .filter_map(Value::as_str)
-                .collect::<Vec<_>>()
-                .join(","),
-        ),
+        Some(Value::String(s)) => Some(audiences(std::slice::from_ref(s))),
+        Some(Value::Array(a)) => Some(audiences(
+            &a.iter().filter_map(Value::as_str).collect::<Vec<_>>(),
+        )),
         _ => None,
     };
     (

@@ -181,7 +181,7 @@ impl pb::key_service_server::KeyService for KeyServiceApi {
         let caller = Caller::of(&request);
         let deadline = deadline_of(&request);
         let r = request.into_inner();
-        let audit_aud = r.audiences.join(",");
+        let audit_aud = audit::audiences(&r.audiences);
         let audit_sub = r.subject.clone();
         let mut audit = AuditRecord {
             rpc: "oidckms.v1.KeyService/SignToken",

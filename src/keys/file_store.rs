@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Timestamp;
 use crate::lifecycle::{KeyRecord, Keyring};
+use crate::strict_json::{self, StrictJsonError};
 use crate::token::LIFETIME_CEILING;
 
 use super::kek::Kek;
@@ -261,8 +262,14 @@ impl FileStore {
         if bytes.is_empty() {
             return Err(damaged("the file is empty".into()));
         }
-        let value: serde_json::Value = serde_json::from_slice(bytes)
-            .map_err(|e| damaged(format!("truncated or not JSON: {e}")))?;
+        // A member named twice would be read one way by us and another by the next tool.
+        let value: serde_json::Value = strict_json::from_slice(bytes).map_err(|e| match e {
+            StrictJsonError::Duplicate(e) => StoreError::Altered {
+                path: path.to_path_buf(),
+                reason: format!("a JSON {e}"),
+            },
+            StrictJsonError::Invalid(e) => damaged(format!("truncated or not JSON: {e}")),
+        })?;
         if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
             return Err(damaged(format!("not an {FORMAT} file")));
         }
@@ -387,6 +394,16 @@ impl FileStore {
 impl KeyStore for FileStore {
     fn load(&mut self) -> Result<Option<LoadedKeys>, StoreError> {
         let path = self.keyring_path();
+        // Commits replace the file by rename, which would replace a link with a file; and a link
+        // to a missing file (an unmounted volume) must not look like a new, empty store.
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(StoreError::Damaged {
+                path,
+                reason: "it is a symbolic link; point --data-dir at the directory that holds \
+                         the real file"
+                    .into(),
+            });
+        }
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

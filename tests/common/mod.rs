@@ -482,7 +482,11 @@ pub fn tree_digest(dir: &Path) -> Vec<(String, Vec<u8>)> {
     while let Some(d) = stack.pop() {
         for entry in std::fs::read_dir(&d).unwrap() {
             let p = entry.unwrap().path();
-            if p.is_dir() {
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            if meta.file_type().is_symlink() {
+                let target = std::fs::read_link(&p).unwrap();
+                out.push((p.display().to_string(), target.display().to_string().into()));
+            } else if p.is_dir() {
                 stack.push(p);
             } else if p.file_name().unwrap() != "LOCK" {
                 out.push((p.display().to_string(), std::fs::read(&p).unwrap()));
