@@ -22,6 +22,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
+use crate::clock::rfc3339;
 use crate::duration::parse_whole_seconds;
 use crate::grpc::client::{self as grpc_client, ClientError, SettingNames, TlsFiles};
 use crate::grpc::instrument::code_name;
@@ -525,47 +526,9 @@ fn kek_generate(out: Option<&Path>, json: bool) -> Result<Output, Failure> {
     })
 }
 
-/// `seconds` (+ `nanos`) since the epoch as RFC 3339 UTC, e.g. `2025-01-02T03:04:05Z`.
-pub fn rfc3339(seconds: i64, nanos: i32) -> String {
-    let days = seconds.div_euclid(86_400);
-    let secs = seconds.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let frac = if nanos > 0 {
-        format!(".{:03}", nanos / 1_000_000)
-    } else {
-        String::new()
-    };
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}{frac}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc3339_formats_utc() {
-        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400, 0), "2000-02-29T00:00:00Z");
-        assert_eq!(
-            rfc3339(1_735_787_045, 250_000_000),
-            "2025-01-02T03:04:05.250Z"
-        );
-        assert_eq!(rfc3339(-1, 0), "1969-12-31T23:59:59Z");
-    }
 
     #[test]
     fn claims_must_be_a_json_object() {

@@ -123,13 +123,13 @@ pub enum RotationPlan {
 pub enum LifecycleError {
     /// A pre-published rotation is already pending.
     #[error(
-        "a rotation is already pending: key {kid} starts signing at {activates_at_ms} ms since the epoch; rotate without pre-publication to promote it now"
+        "a rotation is already pending: key {kid} starts signing at {activates_at}; rotate without pre-publication to promote it now"
     )]
     RotationPending {
         /// The pending key.
         kid: String,
         /// When it activates.
-        activates_at_ms: i64,
+        activates_at: Timestamp,
     },
     /// The store's records are inconsistent.
     #[error("the keyring is inconsistent: {0}")]
@@ -260,7 +260,7 @@ impl Keyring {
             }),
             Some(next) => Err(LifecycleError::RotationPending {
                 kid: next.kid.clone(),
-                activates_at_ms: next.activates_at.as_millis(),
+                activates_at: next.activates_at,
             }),
             None => Ok(RotationPlan::NewKey {
                 activates_at: now.plus(prepublish),

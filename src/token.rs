@@ -479,7 +479,9 @@ mod tests {
         }
         let at_limit = TokenRequest {
             subject: "s".repeat(600),
-            audiences: vec!["a".repeat(600); 20],
+            audiences: (0..20)
+                .map(|i| format!("{i:03}{}", "a".repeat(597)))
+                .collect(),
             ..req()
         };
         assert!(
