@@ -80,6 +80,13 @@ impl Provenance {
 pub enum ConfigError {
     /// From clap: a bad flag or env value — or `--help`/`--version`, which are not errors.
     Args(clap::Error),
+    /// A bad value that came from an environment variable (clap names only the flag).
+    Env {
+        /// The variable.
+        var: String,
+        /// clap's message, first line.
+        message: String,
+    },
     /// The config file, or a key in it.
     File {
         /// The file.
@@ -93,6 +100,9 @@ impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ConfigError::Args(e) => write!(f, "{}", e.to_string().trim_end()),
+            ConfigError::Env { var, message } => {
+                write!(f, "{message} (set by the environment variable {var})")
+            }
             ConfigError::File { path, reason } => {
                 write!(f, "config file {}: {reason}", path.display())
             }
@@ -113,7 +123,7 @@ impl ConfigError {
                 let _ = e.print();
                 ExitCode::from(EXIT_CONFIG)
             }
-            ConfigError::File { .. } => {
+            ConfigError::File { .. } | ConfigError::Env { .. } => {
                 eprintln!("{program}: invalid configuration: {self}");
                 ExitCode::from(EXIT_CONFIG)
             }
@@ -136,7 +146,7 @@ pub fn parse<T: Parser>(args: Vec<OsString>, config_id: &str) -> Result<Layered<
     let matches = cmd
         .clone()
         .try_get_matches_from(&args)
-        .map_err(ConfigError::Args)?;
+        .map_err(|e| from_env(&cmd, &args, e))?;
     let mut sources = BTreeMap::new();
     for arg in cmd.get_arguments() {
         let (Some(long), Some(source)) =
@@ -207,6 +217,46 @@ pub fn parse<T: Parser>(args: Vec<OsString>, config_id: &str) -> Result<Layered<
         value,
         provenance: Provenance { sources },
     })
+}
+
+/// A clap error, as [`ConfigError::Env`] when the bad value came from an option's environment
+/// variable rather than the command line.
+fn from_env(cmd: &Command, args: &[OsString], e: clap::Error) -> ConfigError {
+    use clap::error::{ContextKind, ContextValue};
+    let var = (|| {
+        if !matches!(
+            e.kind(),
+            ErrorKind::ValueValidation | ErrorKind::InvalidValue
+        ) {
+            return None;
+        }
+        let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+            return None;
+        };
+        let long = arg.strip_prefix("--")?.split([' ', '=']).next()?;
+        let var = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long))?
+            .get_env()?;
+        let flag = format!("--{long}");
+        let on_command_line = args.iter().skip(1).any(|a| {
+            a.to_str()
+                .is_some_and(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        });
+        (!on_command_line && std::env::var_os(var).is_some())
+            .then(|| var.to_string_lossy().into_owned())
+    })();
+    match var {
+        Some(var) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            ConfigError::Env {
+                var,
+                message: first.strip_prefix("error: ").unwrap_or(first).to_owned(),
+            }
+        }
+        None => ConfigError::Args(e),
+    }
 }
 
 /// Makes `--help` state every option's default: clap shows `[default: X]` for options that have
@@ -286,7 +336,10 @@ fn scalar_values(key: &str, value: &toml::Value, multiple: bool) -> Result<Vec<S
         match v {
             toml::Value::String(s) => Ok(s.clone()),
             toml::Value::Integer(i) => Ok(i.to_string()),
-            toml::Value::Float(f) => Ok(f.to_string()),
+            toml::Value::Float(_) => Err(format!(
+                "{key}: no setting takes a fractional number; write an integer or a string \
+                 such as \"90s\""
+            )),
             toml::Value::Boolean(b) => Ok(b.to_string()),
             _ => Err(format!(
                 "{key}: expected a string, number or boolean, not {}",

@@ -59,6 +59,19 @@ impl Issuer {
             }
             other => return Err(format!("issuer {text:?} has scheme {other:?}; use https")),
         }
+        // Clients normalise dot segments and may collapse empty ones before they fetch, so such
+        // a path would name documents at a different place from where the gateway serves them.
+        let path = uri.path().trim_end_matches('/');
+        if path
+            .split('/')
+            .skip(1)
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+        {
+            return Err(format!(
+                "issuer {text:?} has an empty, \".\" or \"..\" path segment; write the path \
+                 out plainly, e.g. https://issuer.example/tenant/a"
+            ));
+        }
         Ok(Issuer {
             url: text.to_owned(),
             base_path: uri.path().trim_end_matches('/').to_owned(),
@@ -145,8 +158,15 @@ mod tests {
             "ftp://i.example/",
             "/relative",
             "",
+            "https://i.example/x/../y",
+            "https://i.example/./y",
+            "https://i.example/a//b",
         ] {
             assert!(Issuer::parse(bad).is_err(), "{bad}");
         }
+        assert!(
+            Issuer::parse("https://i.example/a.b/..c/").is_ok(),
+            "dots inside names"
+        );
     }
 }

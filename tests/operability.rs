@@ -638,6 +638,7 @@ fn invalid_configuration_exits_64_naming_the_setting() {
     let bad_toml = toml("bad.toml", "issuer = \n");
     let bad_value = toml("value.toml", "rsa-bits = \"many\"\n");
     let too_long = toml("long.toml", "max-token-lifetime = \"48h\"\n");
+    let float = toml("float.toml", "rsa-bits = 2048.0\n");
     let cases: Vec<Case> = vec![
         (
             {
@@ -685,6 +686,19 @@ fn invalid_configuration_exits_64_naming_the_setting() {
             vec!["/nonexistent/oidc-kms.toml", "cannot read"],
         ),
         (base(&["--log-format", "xml"]), vec![], vec!["--log-format"]),
+        (
+            base(&[]),
+            vec![("OIDC_KMS_RSA_BITS", "abc")],
+            vec![
+                "--rsa-bits",
+                "set by the environment variable OIDC_KMS_RSA_BITS",
+            ],
+        ),
+        (
+            base(&["--config", &float]),
+            vec![],
+            vec!["rsa-bits", "fractional"],
+        ),
         (
             base(&["--metrics-listen", "not-an-address"]),
             vec![],
