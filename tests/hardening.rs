@@ -505,6 +505,15 @@ fn every_signature_and_rotation_leaves_an_audit_record_without_the_token() {
             .then_some(log)
     })
     .expect("the rotation is audited");
+    // The audiences as a JSON array (an audience may hold a comma), quoted like any text field.
+    assert!(
+        stack
+            .kms
+            .proc
+            .log_text()
+            .contains(r#"aud="[\"aud-1\",\"aud-2\"]""#),
+        "{log}"
+    );
     let audit: Vec<&str> = log.lines().filter(|l| l.contains("audit")).collect();
     let signed = audit
         .iter()
@@ -514,7 +523,6 @@ fn every_signature_and_rotation_leaves_an_audit_record_without_the_token() {
         format!("kid={}", t.key_id),
         format!("jti={}", t.token_id),
         format!("exp={}", t.expires_at),
-        r#"aud=["aud-1","aud-2"]"#.into(),
         "outcome=ok".into(),
         "rpc=oidckms.v1.KeyService/SignToken".into(),
         "caller=unauthenticated@127.0.0.1".into(),
