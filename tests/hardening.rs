@@ -268,11 +268,7 @@ fn call_with(port: u16, message: WrongTypes) -> Result<pb::SignTokenResponse, to
         .build()
         .unwrap();
     rt.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = loopback_channel(port).await;
         let mut grpc = tonic::client::Grpc::new(channel);
         grpc.ready().await.unwrap();
         let path = http::uri::PathAndQuery::from_static("/oidckms.v1.KeyService/SignToken");

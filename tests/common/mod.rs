@@ -128,6 +128,15 @@ pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
     }
 }
 
+/// A plaintext gRPC channel to the key service on loopback `port`.
+pub async fn loopback_channel(port: u16) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// A key service process with its data dir, KEK and a gRPC client.
 pub struct Kms {
     pub proc: Proc,

@@ -156,11 +156,7 @@ fn runtime() -> tokio::runtime::Runtime {
 /// status has arrived), and returns every status the stream delivered until it ended.
 pub fn watch_health_while(port: u16, service: &str, during: impl FnOnce()) -> Vec<ServingStatus> {
     runtime().block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = super::loopback_channel(port).await;
         let mut stream = HealthClient::new(channel)
             .watch(HealthCheckRequest {
                 service: service.into(),
@@ -237,11 +233,7 @@ pub fn sign_with_request_id(
 /// grpc.health.v1 Check of `service` on the key service at `port`.
 pub fn health(port: u16, service: &str) -> Result<ServingStatus, tonic::Status> {
     runtime().block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = super::loopback_channel(port).await;
         let mut c = HealthClient::new(channel);
         let r = c
             .check(HealthCheckRequest {
