@@ -68,10 +68,7 @@ impl TlsKms {
             proc: Proc::spawn(kms_bin(), &args, dir.join("kms.log"), None),
             port,
             server_ca: ca.cert_pem(),
-            rt: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap(),
+            rt: common::client_runtime(),
         };
         let ready = eventually(Duration::from_secs(60), || {
             if let Ok(Some(status)) = kms.proc.child.try_wait() {

@@ -369,12 +369,17 @@ fn json_logs_carry_an_rpc_span_with_a_request_id_and_no_secrets() {
 fn health_reports_each_service_and_the_whole_server() {
     let dir = tempfile::tempdir().unwrap();
     let kek = write_kek(dir.path());
-    let mut kms = Kms::start(
+    // Started bare, with no client of its own left connected: the test's calls are the only ones.
+    let port = free_port();
+    let args = kms_args(
+        port,
         &dir.path().join("data"),
         &kek,
         "https://issuer.example/",
-        &["--algorithm", "ES256"],
+        &["--algorithm".into(), "ES256".into()],
     );
+    let mut proc = ops::spawn(kms_bin(), &args, &[], dir.path().join("kms.log"));
+    ops::wait_for_jwks(port, &mut proc);
     for service in [
         "",
         KEY_SERVICE,
@@ -382,17 +387,17 @@ fn health_reports_each_service_and_the_whole_server() {
         "grpc.reflection.v1alpha.ServerReflection",
     ] {
         assert_eq!(
-            ops::health(kms.port, service).unwrap(),
+            ops::health(port, service).unwrap(),
             ServingStatus::Serving,
             "{service:?}"
         );
     }
-    let unknown = ops::health(kms.port, "no.such.Service").unwrap_err();
+    let unknown = ops::health(port, "no.such.Service").unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
 
     // A client watching health hears NOT_SERVING once shutdown begins, before the server goes.
-    let pid = kms.proc.child.id().to_string();
-    let seen = ops::watch_health_while(kms.port, KEY_SERVICE, || {
+    let pid = proc.child.id().to_string();
+    let seen = ops::watch_health_while(port, KEY_SERVICE, || {
         let sent = std::process::Command::new("kill")
             .args(["-TERM", &pid])
             .status()
@@ -403,10 +408,13 @@ fn health_reports_each_service_and_the_whole_server() {
         seen,
         [ServingStatus::Serving, ServingStatus::NotServing],
         "{}",
-        kms.proc.log_text()
+        proc.log_text()
     );
-    let status = wait_exit(&mut kms.proc.child, Duration::from_secs(20)).expect("exits");
-    assert!(status.success(), "{status}: {}", kms.proc.log_text());
+    let status = wait_exit(&mut proc.child, Duration::from_secs(20)).expect("exits");
+    assert!(status.success(), "{status}: {}", proc.log_text());
+    // The watch ended with the shutdown; it did not hold the process until the grace period ran out.
+    let log = proc.log_text();
+    assert!(!log.contains("connections still open"), "{log}");
 }
 
 /// Starts oidc-kms with `args` and `env` and returns the issuer its GetJwks reports.

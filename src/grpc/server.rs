@@ -4,7 +4,8 @@
 //! and request id and counts it, refusals included.
 //!
 //! Health reports each service by name (`oidckms.v1.KeyService`, both reflection services) and the
-//! server as a whole (`""`), all `SERVING` until shutdown begins, then `NOT_SERVING`.
+//! server as a whole (`""`), all `SERVING` until shutdown begins, then `NOT_SERVING`; then the
+//! statuses are cleared, which ends open `Watch` streams so they do not hold up the shutdown.
 
 use std::future::Future;
 
@@ -56,7 +57,7 @@ pub async fn serve(
     if let Some(config) = tls {
         builder = builder.tls_config(config)?;
     }
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let (mut health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<KeyServiceServer<KeyServiceApi>>()
         .await;
@@ -75,6 +76,12 @@ pub async fn serve(
             health
                 .set_service_status(service, ServingStatus::NotServing)
                 .await;
+        }
+        // Then end every Watch stream (each delivers NOT_SERVING first): an open stream would
+        // otherwise hold the graceful shutdown until its grace period runs out.
+        let key_service = <KeyServiceServer<KeyServiceApi> as tonic::server::NamedService>::NAME;
+        for service in REFLECTION_SERVICES.into_iter().chain(["", key_service]) {
+            health.clear_service_status(service).await;
         }
     };
     let reflection_v1 = tonic_reflection::server::Builder::configure()

@@ -293,10 +293,7 @@ impl ApiServer {
     /// Dials the socket, reads Metadata (refusing, as kube-apiserver does, a maximum below 600 s)
     /// and fills the key cache.
     pub fn start(socket: &Path, package: Package, issuer: &str) -> Result<ApiServer, String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = super::client_runtime();
         let path = socket.to_path_buf();
         let channel = rt
             .block_on(async {

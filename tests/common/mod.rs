@@ -128,6 +128,17 @@ pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
     }
 }
 
+/// A runtime for a client kept across calls. Its own worker keeps the connection answering the
+/// server's HTTP/2 pings between calls: a server's graceful shutdown waits for that answer, so a
+/// connection on a runtime nobody polls would hold every SIGTERM until the grace period runs out.
+pub fn client_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A plaintext gRPC channel to the key service on loopback `port`.
 pub async fn loopback_channel(port: u16) -> Channel {
     tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
@@ -189,10 +200,7 @@ impl Kms {
             kek_file: kek_file.to_path_buf(),
             issuer: issuer.into(),
             extra,
-            rt: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap(),
+            rt: client_runtime(),
             client: None,
         };
         kms.connect();
