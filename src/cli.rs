@@ -139,7 +139,7 @@ pub struct Client {
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
 enum Failure {
-    #[error("{rpc} failed: {}: {}", code_name(.status.code() as i32), .status.message())]
+    #[error("{rpc} failed: {}: {}{}", code_name(.status.code() as i32), .status.message(), tls_hint(.status))]
     Refused {
         rpc: &'static str,
         status: tonic::Status,
@@ -281,7 +281,7 @@ async fn execute(command: Command) -> Result<Output, Failure> {
                     stdout: json_line(&json!({
                         "token": r.token,
                         "key_id": r.key_id,
-                        "expires_at": r.expires_at,
+                        "expires_at": rfc3339(r.expires_at, 0),
                         "token_id": r.token_id,
                     })),
                     stderr: String::new(),
@@ -298,6 +298,15 @@ async fn execute(command: Command) -> Result<Output, Failure> {
             })
         }
         Command::Kek(KekCommand::Generate { out, json }) => kek_generate(out.as_deref(), json),
+    }
+}
+
+/// What an HTTP/2 protocol error from a plaintext client most often means.
+fn tls_hint(status: &tonic::Status) -> &'static str {
+    if status.message().contains("h2 protocol error") {
+        " (if the key service serves TLS, use an https:// --kms URL)"
+    } else {
+        ""
     }
 }
 

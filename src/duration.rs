@@ -66,6 +66,9 @@ pub fn parse_whole_seconds(text: &str) -> Result<Duration, String> {
 /// Writes a duration back in the shortest of the forms [`parse_duration`] reads.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".into();
+    }
     for (unit, size) in [
         ("d", 86_400_000),
         ("h", 3_600_000),

@@ -240,12 +240,21 @@ pub fn check_encoded_claims(
         ),
         StrictJsonError::Invalid(_) => Error::invalid("claims", "does not decode to a JSON object"),
     })?;
-    let iss = claims.get("iss").and_then(Value::as_str);
-    if iss != Some(issuer) {
-        return Err(Error::invalid(
-            "claims.iss",
-            format!("must be this service's issuer {issuer:?}, not {iss:?}"),
-        ));
+    match claims.get("iss") {
+        Some(Value::String(iss)) if iss == issuer => {}
+        Some(Value::String(iss)) => {
+            return Err(Error::invalid(
+                "claims.iss",
+                format!("must be this service's issuer {issuer:?}, not {iss:?}"),
+            ));
+        }
+        Some(_) => return Err(Error::invalid("claims.iss", "must be a string")),
+        None => {
+            return Err(Error::invalid(
+                "claims.iss",
+                format!("missing; must be this service's issuer {issuer:?}"),
+            ));
+        }
     }
     let int = |name: &str| {
         claims.get(name).and_then(Value::as_i64).ok_or_else(|| {

@@ -460,7 +460,17 @@ fn the_gateway_rides_out_a_key_service_outage_then_stops_serving_stale_keys() {
         (r.status == 503).then_some(r)
     })
     .expect("503 once the key set is older than --max-stale");
-    assert!(String::from_utf8_lossy(&stale.body).contains("key service"));
+    assert!(
+        String::from_utf8_lossy(&stale.body).contains("older than --max-stale"),
+        "says why: {}",
+        String::from_utf8_lossy(&stale.body)
+    );
+    let told = eventually(Duration::from_secs(5), || {
+        let log = gw.proc.log_text();
+        log.contains("older than --max-stale; the documents answer 503")
+            .then_some(())
+    });
+    assert!(told.is_some(), "the switch is logged: {}", gw.proc.log_text());
     // ...and counted under the JWKS path, where alerts look for it.
     let metrics = String::from_utf8(http_get(&gw.url("/metrics"), &[]).body).unwrap();
     assert!(

@@ -839,13 +839,18 @@ fn admin_cli_against_a_live_service() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     let signed: Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(signed["key_id"], active.as_str());
-    verify(
+    let claims = verify(
         signed["token"].as_str().unwrap(),
         &jwks,
         &stack.kms.issuer,
         AUD,
     )
     .unwrap();
+    // Its expiry in RFC 3339, like every time --json prints: the token's own exp.
+    assert_eq!(
+        signed["expires_at"],
+        oidc_kms::clock::rfc3339(claims["exp"].as_i64().unwrap(), 0)
+    );
 
     // Refusals: the status code and message, a non-zero exit.
     let run = ops::cli(&[

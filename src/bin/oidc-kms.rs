@@ -262,7 +262,7 @@ fn check(cli: Cli) -> Result<Config, String> {
         (None, Ok(value)) => KekSource::Env(value),
         (None, Err(_)) if cli.dev => KekSource::DevGenerated(data_dir.join(DEV_KEK_FILE)),
         (None, Err(_)) => {
-            return Err("no key-encryption key: give --kek-file PATH or set OIDC_KMS_KEK (make one with: head -c 32 /dev/urandom | base64)".into());
+            return Err("no key-encryption key: give --kek-file PATH or set OIDC_KMS_KEK (make one with: oidc-kms kek generate --out FILE)".into());
         }
     };
     let transport = transport(&cli)?;

@@ -89,10 +89,13 @@ pub fn respond(state: &GatewayState, req: &Request<Incoming>) -> Response<Body> 
         _ => {}
     }
     let Some((docs, age)) = docs else {
-        return plain(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no current key set: the key service has not been reachable\n",
-        );
+        let why = if state.last_documents().is_some() {
+            "no current key set: the last one is older than --max-stale and the key service has \
+             not answered since\n"
+        } else {
+            "no key set yet: the key service has not answered\n"
+        };
+        return plain(StatusCode::SERVICE_UNAVAILABLE, why);
     };
     match docs.at(path) {
         Some(doc) => document(req, doc, docs.cache_control(age)),

@@ -140,6 +140,7 @@ impl Refresher {
         let stop = shutdown.wait();
         tokio::pin!(stop);
         let mut failing = false;
+        let mut told_stale = false;
         loop {
             let wait = match self.refresh().await {
                 Ok(hint) => {
@@ -147,12 +148,21 @@ impl Refresher {
                         tracing::info!(kms = %self.url, "key service reachable again; key set refreshed");
                     }
                     failing = false;
+                    told_stale = false;
                     self.interval.min(hint)
                 }
                 Err(e) => {
                     crate::metrics::record_refresh_error();
                     if self.state.mark_failed() || !failing {
-                        tracing::warn!(kms = %self.url, error = %e, "cannot refresh the key set; serving the last good one");
+                        if self.state.last_refresh().is_some() {
+                            tracing::warn!(kms = %self.url, error = %e, "cannot refresh the key set; serving the last good one until it is older than --max-stale");
+                        } else {
+                            tracing::warn!(kms = %self.url, error = %e, "cannot fetch the key set; nothing to serve until the key service answers");
+                        }
+                    }
+                    if !told_stale && self.state.last_refresh().is_some() && self.state.documents().is_none() {
+                        tracing::warn!(kms = %self.url, "the last good key set is older than --max-stale; the documents answer 503 until the key service answers");
+                        told_stale = true;
                     }
                     failing = true;
                     RETRY

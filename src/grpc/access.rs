@@ -380,7 +380,8 @@ impl AccessPolicy {
                 caller,
                 status: Status::unauthenticated(format!(
                     "{path} needs a client certificate issued by this service's client CA \
-                     (--tls-client-ca); none was presented"
+                     (--tls-client-ca); none was presented (clients such as grpcurl leave out a \
+                     certificate that this CA did not issue)"
                 )),
             });
         };

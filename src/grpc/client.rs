@@ -92,9 +92,14 @@ pub enum ClientError {
         /// What is wrong.
         what: String,
     },
-    /// The TLS configuration was refused.
-    #[error("TLS: {0}")]
-    Tls(tonic::transport::Error),
+    /// The TLS configuration was refused (a client key that is not the certificate's, say).
+    #[error("{settings}: {}", with_sources(.source))]
+    Tls {
+        /// The settings involved.
+        settings: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
 }
 
 /// An endpoint for the key service at `url`, over TLS when it is `https://`.
@@ -109,9 +114,30 @@ pub fn endpoint(url: &str, files: &TlsFiles, names: SettingNames) -> Result<Endp
         source,
     })?;
     match tls_config(url, files, names)? {
-        Some(tls) => endpoint.tls_config(tls).map_err(ClientError::Tls),
+        Some(tls) => endpoint.tls_config(tls).map_err(|source| ClientError::Tls {
+            settings: [names.ca_cert, names.client_cert, names.client_key]
+                .into_iter()
+                .zip([&files.ca_cert, &files.client_cert, &files.client_key])
+                .filter(|(_, given)| given.is_some())
+                .map(|(name, _)| name)
+                .collect::<Vec<_>>()
+                .join("/"),
+            source,
+        }),
         None => Ok(endpoint),
     }
+}
+
+/// An error and its causes, `a: b: c` (tonic's own text is only "transport error").
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 fn tls_config(
