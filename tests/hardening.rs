@@ -470,7 +470,11 @@ fn the_gateway_rides_out_a_key_service_outage_then_stops_serving_stale_keys() {
         log.contains("older than --max-stale; the documents answer 503")
             .then_some(())
     });
-    assert!(told.is_some(), "the switch is logged: {}", gw.proc.log_text());
+    assert!(
+        told.is_some(),
+        "the switch is logged: {}",
+        gw.proc.log_text()
+    );
     // ...and counted under the JWKS path, where alerts look for it.
     let metrics = String::from_utf8(http_get(&gw.url("/metrics"), &[]).body).unwrap();
     assert!(

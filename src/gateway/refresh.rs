@@ -160,7 +160,10 @@ impl Refresher {
                             tracing::warn!(kms = %self.url, error = %e, "cannot fetch the key set; nothing to serve until the key service answers");
                         }
                     }
-                    if !told_stale && self.state.last_refresh().is_some() && self.state.documents().is_none() {
+                    if !told_stale
+                        && self.state.last_refresh().is_some()
+                        && self.state.documents().is_none()
+                    {
                         tracing::warn!(kms = %self.url, "the last good key set is older than --max-stale; the documents answer 503 until the key service answers");
                         told_stale = true;
                     }

@@ -180,21 +180,27 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for UniqueMap<V> {
     }
 }
 
-/// A client identity as the policy names it: a URI SAN (`spiffe://…`, compared exactly) or a DNS
-/// SAN (compared without regard to ASCII case, as DNS names are).
+/// A client identity as the policy names it: a URI SAN (`spiffe://…`, `urn:…`: compared byte for
+/// byte) or a DNS SAN (compared without regard to ASCII case, as DNS names are). The kind is part
+/// of the identity: a URI SAN never matches a DNS entry or the other way round, so a CA that may
+/// only issue names under some DNS domain cannot grant a URI identity by spelling it as a DNS name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct IdentityKey(String);
+enum IdentityKey {
+    Uri(String),
+    Dns(String),
+}
 
 impl IdentityKey {
     fn uri(uri: &str) -> IdentityKey {
-        IdentityKey(uri.to_owned())
+        IdentityKey::Uri(uri.to_owned())
     }
 
     fn dns(name: &str) -> IdentityKey {
-        IdentityKey(name.to_ascii_lowercase())
+        IdentityKey::Dns(name.to_ascii_lowercase())
     }
 
-    /// Parses an identity written in the policy.
+    /// Parses an identity written in the policy: with a `:` (which no DNS name holds) it is a
+    /// URI, otherwise a DNS name.
     fn parse(text: &str) -> Result<IdentityKey, String> {
         if text.is_empty() {
             return Err("a client identity is empty".into());
@@ -209,11 +215,20 @@ impl IdentityKey {
                 "client \"{text}\": wildcards are not supported; name each identity exactly"
             ));
         }
-        Ok(if text.contains("://") {
-            IdentityKey::uri(text)
-        } else {
-            IdentityKey::dns(text)
-        })
+        if text.parse::<std::net::IpAddr>().is_ok() {
+            return Err(format!(
+                "client \"{text}\": IP address SANs are not identities here; name a URI or DNS SAN"
+            ));
+        }
+        if text.contains(':') {
+            return Ok(IdentityKey::uri(text));
+        }
+        if text.ends_with('.') {
+            return Err(format!(
+                "client \"{text}\": write the DNS name without its trailing dot, as certificates do"
+            ));
+        }
+        Ok(IdentityKey::dns(text))
     }
 }
 
@@ -263,10 +278,30 @@ impl ClientIdentity {
     /// else the subject.
     pub fn display_name(&self) -> String {
         match self.uris.first().or(self.dns_names.first()) {
-            Some(name) => name.clone(),
-            None => format!("subject \"{}\" (no DNS or URI SAN)", self.subject),
+            Some(name) => printable(name),
+            None => format!(
+                "subject \"{}\" (no DNS or URI SAN)",
+                printable(&self.subject)
+            ),
         }
     }
+}
+
+/// A certificate's name as logs may show it: control characters (a newline that would start a
+/// forged log line, a NUL) escaped. Matching uses the name as it is.
+fn printable(name: &str) -> String {
+    if !name.chars().any(char::is_control) {
+        return name.to_owned();
+    }
+    name.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// Which client may call which `KeyService` RPC.
@@ -412,14 +447,18 @@ impl AccessPolicy {
                 .names()
                 .find(|(_, key)| self.clients.get(key).is_some_and(|r| r.contains(&rpc)))
             {
-                return Ok(Caller(name.to_owned()));
+                return Ok(Caller(printable(name)));
             }
             if self.any_client.contains(&rpc) {
                 return Ok(Caller(identity.display_name()));
             }
         }
         let mut named = identity.display_name();
-        let others: Vec<&str> = identity.names().skip(1).map(|(n, _)| n).collect();
+        let others: Vec<String> = identity
+            .names()
+            .skip(1)
+            .map(|(n, _)| printable(n))
+            .collect();
         if !others.is_empty() {
             named = format!("{named} (also {})", others.join(", "));
         }
@@ -746,6 +785,59 @@ mod tests {
         assert!(bad(r#"{"clients": {"": ["admin"]}}"#).contains("empty"));
         assert!(bad(r#"{"client": {"a.example": ["admin"]}}"#).contains("unknown field"));
         assert!(bad(r#"{"clients": {"a.example": "admin"}}"#).contains("expected a sequence"));
+        assert!(bad(r#"{"clients": {"127.0.0.1": ["admin"]}}"#).contains("IP address"));
+        assert!(bad(r#"{"clients": {"::1": ["admin"]}}"#).contains("IP address"));
+        assert!(bad(r#"{"clients": {"a.example.": ["admin"]}}"#).contains("trailing dot"));
+    }
+
+    #[test]
+    fn names_with_control_characters_are_escaped_where_they_are_shown() {
+        let p = policy();
+        let forged = "x.example\n2026-01-01T00:00:00Z INFO audit: caller=ops.example outcome=ok";
+        let c = cert(&[dns(forged)]);
+        let denial = p
+            .authorize(
+                &format!("/{KEY_SERVICE}/RotateKeys"),
+                Some(std::slice::from_ref(&c)),
+                None,
+            )
+            .unwrap_err();
+        assert!(!denial.caller.0.contains('\n'), "{:?}", denial.caller);
+        assert!(
+            denial.caller.0.starts_with("x.example\\n2026"),
+            "{:?}",
+            denial.caller
+        );
+        assert!(
+            !denial.status.message().contains('\n'),
+            "{}",
+            denial.status.message()
+        );
+    }
+
+    #[test]
+    fn uri_and_dns_names_never_stand_for_each_other() {
+        let p = policy();
+        // The admin's DNS name written as a URI SAN, and the API server's URI written as a DNS SAN
+        // (a CA constrained to some DNS domain may still issue any URI SAN).
+        let uri_as_dns = cert(&[uri("ops.example")]);
+        assert_eq!(
+            call(&p, "ListKeys", &uri_as_dns),
+            Err(Code::PermissionDenied)
+        );
+        let dns_as_uri = cert(&[dns(APISERVER)]);
+        assert_eq!(
+            call(&p, "SignToken", &dns_as_uri),
+            Err(Code::PermissionDenied)
+        );
+        // URIs without "://" are URIs too, compared byte for byte.
+        let urn =
+            AccessPolicy::from_json(r#"{"clients": {"urn:Example:Ops": ["admin"]}}"#).unwrap();
+        assert!(call(&urn, "ListKeys", &cert(&[uri("urn:Example:Ops")])).is_ok());
+        assert_eq!(
+            call(&urn, "ListKeys", &cert(&[uri("urn:example:ops")])),
+            Err(Code::PermissionDenied)
+        );
     }
 
     #[test]
