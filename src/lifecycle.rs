@@ -131,6 +131,16 @@ pub enum LifecycleError {
         /// When it activates.
         activates_at: Timestamp,
     },
+    /// A pre-published rotation would unpublish an older key before its tokens expire.
+    #[error(
+        "a pre-published rotation now would unpublish key {kid} while tokens it signed are valid until {retires_at}; wait until then, or rotate without pre-publication (which retires it at once, as AKS does)"
+    )]
+    PreviousStillPublished {
+        /// The older key.
+        kid: String,
+        /// When its last tokens expire.
+        retires_at: Timestamp,
+    },
     /// The store's records are inconsistent.
     #[error("the keyring is inconsistent: {0}")]
     Inconsistent(&'static str),
@@ -262,9 +272,27 @@ impl Keyring {
                 kid: next.kid.clone(),
                 activates_at: next.activates_at,
             }),
-            None => Ok(RotationPlan::NewKey {
-                activates_at: now.plus(prepublish),
-            }),
+            None if prepublish.is_zero() => Ok(RotationPlan::NewKey { activates_at: now }),
+            None => {
+                // A pre-published rotation keeps one older key (three are published meanwhile:
+                // the new one, the active, the newest previous); any other previous key would
+                // leave the JWKS while tokens it signed are still valid.
+                let mut previous: Vec<&KeyRecord> = self
+                    .keys
+                    .iter()
+                    .filter(|k| k.state(now) == KeyState::Previous)
+                    .collect();
+                previous.pop(); // the newest, which is kept
+                match previous.first() {
+                    Some(older) => Err(LifecycleError::PreviousStillPublished {
+                        kid: older.kid.clone(),
+                        retires_at: older.retires_at.unwrap_or(now),
+                    }),
+                    None => Ok(RotationPlan::NewKey {
+                        activates_at: now.plus(prepublish),
+                    }),
+                }
+            }
         }
     }
 
@@ -519,6 +547,28 @@ mod tests {
         );
         assert_eq!(published(&ring, t(30)), ["k2", "k3"]);
         assert_eq!(ring.get("k2").unwrap().retires_at, Some(t(30).plus(DAY)));
+    }
+
+    #[test]
+    fn a_prepublished_rotation_never_cuts_short_an_older_keys_tokens() {
+        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0), DAY);
+        ring.add_key("k2".into(), KeySpec::P256, t(10), t(10), DAY); // k1: previous
+        ring.add_key("k3".into(), KeySpec::P256, t(20), t(20).plus(H), DAY); // k1 kept, k2 active
+        let k1_retires = ring.get("k1").unwrap().retires_at.unwrap();
+        // Once k3 signs, k1 and k2 are both previous: one more pre-published key would have to
+        // unpublish k1 early, so that rotation is refused, naming k1 and when it may go.
+        let later = t(20).plus(H).plus(Duration::from_secs(1));
+        assert_eq!(
+            ring.plan_rotation(later, H),
+            Err(LifecycleError::PreviousStillPublished {
+                kid: "k1".into(),
+                retires_at: k1_retires,
+            })
+        );
+        // An immediate rotation still may (AKS: it retires the oldest at once), and after k1's
+        // tokens have expired a pre-published one may too.
+        assert!(ring.plan_rotation(later, Duration::ZERO).is_ok());
+        assert!(ring.plan_rotation(k1_retires, H).is_ok());
     }
 
     #[test]

@@ -121,7 +121,10 @@ impl Documents {
     /// gateway waited between refreshes or has been serving a stale set.
     pub fn cache_control(&self, age: Duration) -> &HeaderValue {
         let full = self.cache_controls.len() - 1;
-        let left = full.saturating_sub(usize::try_from(age.as_secs()).unwrap_or(usize::MAX));
+        // Whole seconds, rounded up: a cache may keep the set to the second it says, never past
+        // the hint.
+        let age_secs = age.as_secs() + u64::from(age.subsec_nanos() > 0);
+        let left = full.saturating_sub(usize::try_from(age_secs).unwrap_or(usize::MAX));
         &self.cache_controls[left]
     }
 
@@ -185,8 +188,13 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(at(0), "public, max-age=60");
-        assert_eq!(at(999), "public, max-age=60");
-        assert_eq!(at(45_500), "public, max-age=15");
+        assert_eq!(
+            at(1),
+            "public, max-age=59",
+            "rounded up: never past the hint"
+        );
+        assert_eq!(at(1_000), "public, max-age=59");
+        assert_eq!(at(45_500), "public, max-age=14");
         assert_eq!(at(60_000), "public, max-age=0");
         assert_eq!(
             at(3_600_000),

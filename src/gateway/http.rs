@@ -65,8 +65,12 @@ fn document(
 pub fn respond(state: &GatewayState, req: &Request<Incoming>) -> Response<Body> {
     let path = req.uri().path();
     let docs = state.documents_and_age();
-    let known = matches!(path, "/healthz" | "/readyz" | "/metrics")
-        || docs.as_ref().is_some_and(|(d, _)| d.at(path).is_some());
+    // Which paths are ours is known from the last key set, fresh or not (before the first one,
+    // nothing is known, and the documents' paths answer 503 like any other).
+    let last = state.last_documents();
+    let health = matches!(path, "/healthz" | "/readyz" | "/metrics");
+    let one_of_ours = last.as_ref().is_some_and(|d| d.at(path).is_some());
+    let known = health || one_of_ours;
     if known && req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = plain(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -86,6 +90,7 @@ pub fn respond(state: &GatewayState, req: &Request<Incoming>) -> Response<Body> 
             );
         }
         "/metrics" => return metrics(state),
+        _ if last.is_some() && !one_of_ours => return plain(StatusCode::NOT_FOUND, "not found\n"),
         _ => {}
     }
     let Some((docs, age)) = docs else {

@@ -10,7 +10,10 @@ impl From<Error> for Status {
     fn from(err: Error) -> Status {
         let code = match &err {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
-            Error::Lifecycle(LifecycleError::RotationPending { .. }) => Code::FailedPrecondition,
+            Error::Lifecycle(
+                LifecycleError::RotationPending { .. }
+                | LifecycleError::PreviousStillPublished { .. },
+            ) => Code::FailedPrecondition,
             Error::Lifecycle(LifecycleError::Inconsistent(_)) => Code::Internal,
             Error::NoActiveKey | Error::ShuttingDown | Error::Halted => Code::Unavailable,
             Error::Store(StoreError::Indeterminate { .. }) => Code::Unavailable,
