@@ -515,7 +515,7 @@ fn the_gateway_and_the_admin_cli_reach_a_mutual_tls_key_service() {
     let (anon, anon_port) = gateway("anon.log", &[]);
     let refused = eventually(Duration::from_secs(30), || {
         let log = anon.log_text();
-        log.contains("cannot refresh the key set").then_some(log)
+        log.contains("cannot fetch the key set").then_some(log)
     })
     .expect("the refusal is logged");
     assert!(refused.to_lowercase().contains("certificate"), "{refused}");
