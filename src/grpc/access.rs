@@ -343,13 +343,24 @@ impl AccessPolicy {
     }
 
     fn from_json(text: &str) -> Result<AccessPolicy, ParseError> {
-        let file: PolicyFile = serde_json::from_str(text).map_err(ParseError::Syntax)?;
         let invalid = ParseError::Invalid;
+        // serde would read a top-level array positionally and name its own types in errors.
+        if !text
+            .trim_start()
+            .trim_start_matches('\u{feff}')
+            .starts_with('{')
+        {
+            return Err(invalid(
+                "the policy is a JSON object: {\"roles\": {...}, \"clients\": {...}}".into(),
+            ));
+        }
+        let file: PolicyFile = serde_json::from_str(text).map_err(ParseError::Syntax)?;
         let mut roles: BTreeMap<&str, BTreeSet<Rpc>> = BTreeMap::new();
         for (name, rpcs) in &file.roles.0 {
-            if builtin_role(name).is_some() {
+            if builtin_role(&name.to_ascii_lowercase()).is_some() {
                 return Err(invalid(format!(
-                    "role \"{name}\" is built in (signer, reader, admin) and cannot be redefined"
+                    "role \"{name}\" is (or differs only in case from) a built-in role (signer, \
+                     reader, admin), which cannot be redefined"
                 )));
             }
             let rpcs = rpcs
@@ -779,7 +790,7 @@ mod tests {
         );
         assert!(
             bad(r#"{"roles": {"admin": ["GetJwks"]}, "clients": {"a.example": ["admin"]}}"#)
-                .contains("built in")
+                .contains("built-in role")
         );
         assert!(bad(r#"{"clients": {"*.example": ["admin"]}}"#).contains("wildcards"));
         assert!(bad(r#"{"clients": {"": ["admin"]}}"#).contains("empty"));
@@ -788,6 +799,11 @@ mod tests {
         assert!(bad(r#"{"clients": {"127.0.0.1": ["admin"]}}"#).contains("IP address"));
         assert!(bad(r#"{"clients": {"::1": ["admin"]}}"#).contains("IP address"));
         assert!(bad(r#"{"clients": {"a.example.": ["admin"]}}"#).contains("trailing dot"));
+        assert!(
+            bad(r#"{"roles": {"Signer": ["RotateKeys"]}, "clients": {"a.example": ["Signer"]}}"#)
+                .contains("built-in role")
+        );
+        assert!(bad(r#"[{}, {"a.example": ["admin"]}]"#).contains("a JSON object"));
     }
 
     #[test]
