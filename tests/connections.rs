@@ -1,6 +1,7 @@
 //! Hostile connections against the real binaries: a client that opens more connections than the
-//! process has file descriptors, and a client that opens one and sends nothing. Neither may make a
-//! server spin, flood its log, or hold a connection forever; both servers recover by themselves.
+//! process has file descriptors, and clients that open one and send nothing (or stop half-way).
+//! Neither may make a server spin, flood its log, or hold a connection forever; both servers
+//! recover by themselves. A live idle gRPC client, on the other hand, keeps its connection.
 
 mod common;
 #[path = "common/ops.rs"]
@@ -127,12 +128,37 @@ fn running_out_of_descriptors_pauses_accepting_and_recovers() {
     assert!(kms.terminate().success(), "{}", kms.log_text());
 }
 
+/// Sends `first` (perhaps nothing) on `conn` and reads until the server closes it. Returns what the
+/// read ended with: `Ok` when the server closed the connection, an error when our own 60 s bound
+/// ran out first.
+fn held_silent<S: Read + Write + Send + 'static>(
+    conn: std::io::Result<S>,
+    first: &'static [u8],
+    set_timeout: fn(&S, Option<Duration>) -> std::io::Result<()>,
+) -> std::thread::JoinHandle<std::io::Result<usize>> {
+    std::thread::spawn(move || {
+        let mut conn = conn?;
+        conn.write_all(first)?;
+        set_timeout(&conn, Some(Duration::from_secs(60)))?;
+        conn.read_to_end(&mut Vec::new())
+    })
+}
+
+fn tcp_silent(port: u16, first: &'static [u8]) -> std::thread::JoinHandle<std::io::Result<usize>> {
+    held_silent(
+        TcpStream::connect(("127.0.0.1", port)),
+        first,
+        TcpStream::set_read_timeout,
+    )
+}
+
 #[test]
 fn a_client_that_sends_nothing_is_disconnected_and_does_not_delay_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let kek = write_kek(dir.path());
     let socket = dir.path().join("signer.sock");
     let gw_port = free_port();
+    let metrics_port = free_port();
     let mut kms = Kms::start(
         &dir.path().join("data"),
         &kek,
@@ -142,26 +168,54 @@ fn a_client_that_sends_nothing_is_disconnected_and_does_not_delay_shutdown() {
             "ES256",
             "--k8s-signer-socket",
             socket.to_str().unwrap(),
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics_port}"),
         ],
     );
     let gw = Gateway::start_on(gw_port, kms.port, dir.path(), &[]);
 
-    let mut gateway = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
-    // A request that never finishes its headers.
-    gateway
-        .write_all(b"GET /openid/v1/jwks HTTP/1.1\r\nHost: x\r\n")
-        .unwrap();
-    gateway
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    // The server closes it (after its 10 s header timeout); a read error means our own 60 s ran
-    // out first.
-    let mut buf = Vec::new();
-    let read = gateway.read_to_end(&mut buf);
-    assert!(
-        read.is_ok(),
-        "the gateway kept a silent connection: {read:?}"
-    );
+    // Each server closes each of these (the HTTP servers after 10 s without traffic or without
+    // finished headers, the gRPC ones after 30 s), all at once.
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let clients = [
+        ("gateway, nothing sent", tcp_silent(gw.port, b"")),
+        (
+            "gateway, only the HTTP/2 preface",
+            tcp_silent(gw.port, preface),
+        ),
+        (
+            "gateway, headers never finished",
+            tcp_silent(gw.port, b"GET /openid/v1/jwks HTTP/1.1\r\nHost: x\r\n"),
+        ),
+        (
+            "gateway, idle after a request",
+            tcp_silent(gw.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ),
+        ("metrics, nothing sent", tcp_silent(metrics_port, b"")),
+        ("gRPC, nothing sent", tcp_silent(kms.port, b"")),
+        (
+            "gRPC, only the HTTP/2 preface",
+            tcp_silent(kms.port, preface),
+        ),
+        (
+            "signer socket, nothing sent",
+            held_silent(
+                std::os::unix::net::UnixStream::connect(&socket),
+                b"",
+                std::os::unix::net::UnixStream::set_read_timeout,
+            ),
+        ),
+    ];
+    for (what, client) in clients {
+        let read = client.join().unwrap();
+        assert!(
+            read.is_ok(),
+            "{what}: the server kept the connection: {read:?}"
+        );
+    }
+    // The gateway still answers.
+    let healthz = http_get(&format!("http://127.0.0.1:{}/healthz", gw.port), &[]);
+    assert_eq!(healthz.status, 200);
 
     // Connections that never speak HTTP/2, on the gRPC port and the signer socket, do not hold up
     // SIGTERM (Proc::terminate gives it 20 s; the grace period is 10 s).
@@ -170,4 +224,62 @@ fn a_client_that_sends_nothing_is_disconnected_and_does_not_delay_shutdown() {
     let status = kms.proc.terminate();
     assert!(status.success(), "{status}: {}", kms.proc.log_text());
     assert!(!socket.exists(), "the socket file is removed");
+}
+
+/// A client that keeps an HTTP/2 connection open between calls, as kube-apiserver and tonic
+/// channels do, keeps it past the server's idle timeout: the server pings it, and its answers are
+/// traffic.
+#[test]
+fn an_idle_grpc_client_that_answers_pings_keeps_its_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let kek = write_kek(dir.path());
+    let kms = Kms::start(
+        &dir.path().join("data"),
+        &kek,
+        "https://issuer.example/",
+        &["--algorithm", "ES256"],
+    );
+    let port = kms.port;
+    client_runtime().block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        let connection = tokio::spawn(connection);
+        let mut client = client.ready().await.unwrap();
+
+        // Quiet for longer than the server's 30 s idle timeout.
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        assert!(
+            !connection.is_finished(),
+            "the server closed an idle connection that answers pings: {:?}",
+            connection.await
+        );
+
+        // And a call on the same connection is answered.
+        let request = http::Request::post(format!(
+            "http://127.0.0.1:{port}/grpc.health.v1.Health/Check"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+        let (response, mut body) = client.send_request(request, false).unwrap();
+        // An empty HealthCheckRequest: no compression, zero length.
+        body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+            .unwrap();
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        let trailers = body.trailers().await.unwrap().unwrap_or_default();
+        assert_eq!(
+            trailers.get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"0"[..]),
+            "{trailers:?}"
+        );
+    });
 }

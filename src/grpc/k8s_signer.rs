@@ -358,6 +358,8 @@ pub async fn serve(
     let SignerSocket { listener, file } = socket;
     let signer = K8sSigner::new(manager);
     let served = Server::builder()
+        .http2_keepalive_interval(Some(super::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(super::KEEPALIVE_INTERVAL))
         .layer(super::instrument::InstrumentLayer)
         .add_service(
             k8s_v1alpha1::external_jwt_signer_server::ExternalJwtSignerServer::new(signer.clone())
@@ -368,7 +370,7 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .serve_with_incoming_shutdown(
-            Incoming::new(listener, "Kubernetes signer socket"),
+            Incoming::new(listener, "Kubernetes signer socket", super::IDLE_TIMEOUT),
             shutdown,
         )
         .await;

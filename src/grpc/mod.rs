@@ -18,6 +18,16 @@ pub mod server;
 pub mod status;
 pub mod tls;
 
+use std::time::Duration;
+
+/// How long a gRPC connection may go without a byte moving before it is closed: a peer that
+/// connects and never speaks, or stops answering. Idle clients are not affected: the server
+/// pings every [`KEEPALIVE_INTERVAL`], and a live client's answer is traffic.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often the server pings a quiet HTTP/2 connection, and how long it waits for the answer.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Generated protobuf and gRPC code for `oidckms.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod pb {

@@ -53,7 +53,9 @@ pub async fn serve(
         Transport::Plaintext => (None, None),
         Transport::MutualTls { config, policy } => (Some(config), Some(AccessLayer::new(policy))),
     };
-    let mut builder = Server::builder();
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(super::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(super::KEEPALIVE_INTERVAL));
     if let Some(config) = tls {
         builder = builder.tls_config(config)?;
     }
@@ -103,7 +105,10 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         // TCP_NODELAY is set per connection by `Incoming`, which also pauses on accept failures.
-        .serve_with_incoming_shutdown(Incoming::new(listener, "gRPC"), shutdown)
+        .serve_with_incoming_shutdown(
+            Incoming::new(listener, "gRPC", super::IDLE_TIMEOUT),
+            shutdown,
+        )
         .await?;
     Ok(())
 }

@@ -3,8 +3,8 @@
 //! `accept(2)` fails while the process is out of file descriptors (EMFILE) or memory, and keeps
 //! failing at once until a connection closes. A loop that just tries again burns a core and floods
 //! the log. [`Incoming`] pauses [`PAUSE`] after a failure, warns once per [`WARN_EVERY`] with the
-//! count of failures since, and yields only good connections: to a hyper loop through
-//! [`Incoming::next`], to tonic as a `Stream`.
+//! count of failures since, and yields only good connections, each wrapped in an
+//! [`IdleTimeout`]: to a hyper loop through [`Incoming::next`], to tonic as a `Stream`.
 
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};
@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::time::{Instant, Sleep};
+
+use super::idle::IdleTimeout;
 
 /// How long accepting pauses after a failure (what hyper's old `AddrIncoming` did, shorter).
 pub const PAUSE: Duration = Duration::from_millis(100);
@@ -53,6 +55,8 @@ pub struct Incoming<L> {
     listener: L,
     /// Names the listener in warnings ("gateway", "gRPC", …).
     name: &'static str,
+    /// How long an accepted connection may go without traffic.
+    idle: Duration,
     pause: Option<Pin<Box<Sleep>>>,
     /// Failures not yet reported, and when the last warning went out.
     unreported: u64,
@@ -60,11 +64,13 @@ pub struct Incoming<L> {
 }
 
 impl<L: Listener> Incoming<L> {
-    /// Wraps `listener`; `name` says which one it is in warnings.
-    pub fn new(listener: L, name: &'static str) -> Self {
+    /// Wraps `listener`; `name` says which one it is in warnings, and each connection is closed
+    /// after `idle` without traffic.
+    pub fn new(listener: L, name: &'static str, idle: Duration) -> Self {
         Incoming {
             listener,
             name,
+            idle,
             pause: None,
             unreported: 0,
             warned_at: None,
@@ -72,18 +78,18 @@ impl<L: Listener> Incoming<L> {
     }
 
     /// The next good connection.
-    pub async fn next(&mut self) -> L::Conn {
+    pub async fn next(&mut self) -> IdleTimeout<L::Conn> {
         poll_fn(|cx| self.poll_conn(cx)).await
     }
 
-    fn poll_conn(&mut self, cx: &mut Context<'_>) -> Poll<L::Conn> {
+    fn poll_conn(&mut self, cx: &mut Context<'_>) -> Poll<IdleTimeout<L::Conn>> {
         loop {
             if let Some(pause) = self.pause.as_mut() {
                 ready!(pause.as_mut().poll(cx));
                 self.pause = None;
             }
             match ready!(self.listener.poll_accept(cx)) {
-                Ok(conn) => return Poll::Ready(conn),
+                Ok(conn) => return Poll::Ready(IdleTimeout::new(conn, self.idle)),
                 Err(e) => {
                     self.failed(&e);
                     self.pause = Some(Box::pin(tokio::time::sleep(PAUSE)));
@@ -110,7 +116,7 @@ impl<L: Listener> Incoming<L> {
 }
 
 impl<L: Listener + Unpin> tokio_stream::Stream for Incoming<L> {
-    type Item = Result<L::Conn, Infallible>;
+    type Item = Result<IdleTimeout<L::Conn>, Infallible>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.get_mut().poll_conn(cx).map(|conn| Some(Ok(conn)))
@@ -148,10 +154,15 @@ mod tests {
                 calls: AtomicUsize::new(0),
             },
             "test",
+            Duration::from_secs(10),
         );
         let started = Instant::now();
         let conn = incoming.next().await;
-        assert_eq!(conn, 3, "the first good connection, after three failures");
+        assert_eq!(
+            *conn.get_ref(),
+            3,
+            "the first good connection, after three failures"
+        );
         // Three failures, each followed by a pause: the loop tried four times, not thousands.
         assert_eq!(incoming.listener.calls.load(Ordering::SeqCst), 4);
         assert_eq!(started.elapsed(), PAUSE * 3);

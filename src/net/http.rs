@@ -2,8 +2,9 @@
 //!
 //! Every answer these servers give is prepared bytes, so the handler is a plain function from a
 //! request to a response. What the loop adds: accepting through [`super::accept::Incoming`],
-//! HTTP/1.1 and h2c on one port, [`HEADER_READ_TIMEOUT`] so a client that sends nothing (or
-//! trickles a request) cannot hold a connection, and a graceful shutdown bounded by a grace period.
+//! HTTP/1.1 and h2c on one port, [`IDLE_TIMEOUT`] so a client that sends nothing (in any protocol
+//! state, before the first byte included) cannot hold a connection, [`HEADER_READ_TIMEOUT`] so
+//! one that trickles a request cannot either, and a graceful shutdown bounded by a grace period.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -26,6 +27,10 @@ use crate::shutdown::Shutdown;
 /// connection may sit idle before its next request (hyper starts the same timer for both).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a connection may go without a byte moving either way before it is closed: a client
+/// that connects and says nothing, or stops reading its answer.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `handler` on `listener` until `shutdown`, then gives open requests `grace` to finish.
 /// `name` names the listener in warnings.
 pub async fn serve<H>(
@@ -47,7 +52,7 @@ pub async fn serve<H>(
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let graceful = GracefulShutdown::new();
-    let mut incoming = Incoming::new(listener, name);
+    let mut incoming = Incoming::new(listener, name, IDLE_TIMEOUT);
     let stop = shutdown.wait();
     tokio::pin!(stop);
     loop {
