@@ -21,6 +21,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
+use zeroize::Zeroizing;
 
 use crate::clock::rfc3339;
 use crate::duration::parse_whole_seconds;
@@ -175,7 +176,8 @@ impl Failure {
 
 /// What a command prints.
 struct Output {
-    stdout: String,
+    /// Zeroized on drop: `kek generate` prints a KEK here.
+    stdout: Zeroizing<String>,
     stderr: String,
 }
 
@@ -283,12 +285,13 @@ async fn execute(command: Command) -> Result<Output, Failure> {
                         "key_id": r.key_id,
                         "expires_at": rfc3339(r.expires_at, 0),
                         "token_id": r.token_id,
-                    })),
+                    }))
+                    .into(),
                     stderr: String::new(),
                 });
             }
             Ok(Output {
-                stdout: format!("{}\n", r.token),
+                stdout: format!("{}\n", r.token).into(),
                 stderr: format!(
                     "key id:     {}\nexpires at: {}\ntoken id:   {}\n",
                     r.key_id,
@@ -320,7 +323,8 @@ fn print(json: bool, as_json: impl FnOnce() -> Value, as_text: impl FnOnce() -> 
             json_line(&as_json())
         } else {
             as_text()
-        },
+        }
+        .into(),
         stderr: String::new(),
     }
 }
@@ -493,11 +497,13 @@ fn kek_generate(out: Option<&Path>, json: bool) -> Result<Output, Failure> {
     let kek = Kek::generate().map_err(|e| Failure::Io(e.to_string()))?;
     let text = kek.to_base64();
     let Some(path) = out else {
-        let stdout = if json {
-            json_line(&json!({ "kek": text.as_str() }))
+        // Built by hand, not through a JSON value, so that no unzeroized copy is left behind
+        // (base64 needs no JSON escaping).
+        let stdout = Zeroizing::new(if json {
+            format!("{{\n  \"kek\": \"{}\"\n}}\n", text.as_str())
         } else {
             format!("{}\n", text.as_str())
-        };
+        });
         return Ok(Output {
             stdout,
             stderr: String::new(),
@@ -516,17 +522,18 @@ fn kek_generate(out: Option<&Path>, json: bool) -> Result<Output, Failure> {
         _ => Failure::Io(format!("--out {}: {e}", path.display())),
     })?;
     let io = |e: std::io::Error| Failure::Io(format!("--out {}: {e}", path.display()));
-    file.write_all(format!("{}\n", text.as_str()).as_bytes())
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.write_all(b"\n"))
         .map_err(io)?;
     file.sync_all().map_err(io)?;
     Ok(if json {
         Output {
-            stdout: json_line(&json!({ "path": path.display().to_string() })),
+            stdout: json_line(&json!({ "path": path.display().to_string() })).into(),
             stderr: String::new(),
         }
     } else {
         Output {
-            stdout: String::new(),
+            stdout: Zeroizing::default(),
             stderr: format!(
                 "wrote a new KEK to {} (mode 0600); keep it like a root credential, apart from the data directory\n",
                 path.display()

@@ -10,6 +10,10 @@
 //!   read lock while it reads the clock and signs; an immediate rotation takes the write lock while
 //!   it reads the clock, commits and swaps the snapshot. So every token the old key signs is issued
 //!   before the old key's `signs_until`, and therefore expires before the key leaves the JWKS.
+//! - `view` holds the same snapshot for everyone else (GetJwks, FetchKeys, ListKeys, metrics). Its
+//!   lock is only ever held to copy or replace the `Arc`, never across a commit, so a slow or hung
+//!   disk during a rotation stalls no reader, and no async worker thread. A commit updates `view`
+//!   before `keys`: a kid a signer returns is already in what readers see.
 //! - `changes` (a watch channel) tells subscribers (the scheduler, the Kubernetes signer) that the
 //!   key set changed.
 
@@ -161,6 +165,7 @@ struct Inner {
     clock: Arc<dyn Clock>,
     writer: Mutex<Writer>,
     keys: RwLock<Arc<KeySet>>,
+    view: RwLock<Arc<KeySet>>,
     changes: watch::Sender<Timestamp>,
     rng: SystemRandom,
     pool: SigningPool,
@@ -239,7 +244,8 @@ impl KeyManager {
                     keyring,
                     live,
                 }),
-                keys: RwLock::new(snapshot),
+                keys: RwLock::new(Arc::clone(&snapshot)),
+                view: RwLock::new(snapshot),
                 changes: watch::Sender::new(now),
                 rng: SystemRandom::new(),
                 pool: SigningPool::for_this_machine(),
@@ -267,10 +273,10 @@ impl KeyManager {
         self.inner.clock.now()
     }
 
-    /// The current snapshot.
+    /// The current snapshot. Never waits for a commit (see the module doc).
     pub fn key_set(&self) -> Arc<KeySet> {
         self.inner
-            .keys
+            .view
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
@@ -532,6 +538,11 @@ impl KeyManager {
             keys: w.live.clone(),
             changed_at: now,
         });
+        *self
+            .inner
+            .view
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::clone(&snapshot);
         let mut guard = held.unwrap_or_else(|| {
             self.inner
                 .keys
@@ -674,6 +685,81 @@ mod tests {
             settings,
         )
         .unwrap()
+    }
+
+    /// A store whose commits, once armed, wait for the test's go-ahead: a disk that hangs.
+    struct HangingStore {
+        inner: FileStore,
+        armed: Arc<AtomicBool>,
+        entered: std::sync::mpsc::Sender<()>,
+        release: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl KeyStore for HangingStore {
+        fn load(&mut self) -> Result<Option<crate::keys::LoadedKeys>, StoreError> {
+            self.inner.load()
+        }
+        fn generate(&mut self, spec: KeySpec) -> Result<Arc<dyn Signer>, StoreError> {
+            self.inner.generate(spec)
+        }
+        fn commit(&mut self, keyring: &Keyring) -> Result<(), StoreError> {
+            if self.armed.load(Ordering::SeqCst) {
+                self.entered.send(()).unwrap();
+                self.release.recv().unwrap();
+            }
+            self.inner.commit(keyring)
+        }
+    }
+
+    #[test]
+    fn readers_of_the_key_set_do_not_wait_for_a_hanging_commit() {
+        use std::sync::mpsc::channel;
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::generate().unwrap();
+        let clock = Arc::new(ManualClock::new(Timestamp::from_secs(1_700_000_000)));
+        let armed = Arc::new(AtomicBool::new(false));
+        let (entered_tx, entered) = channel();
+        let (release, release_rx) = channel();
+        let store = HangingStore {
+            inner: FileStore::open(dir.path(), &kek).unwrap(),
+            armed: Arc::clone(&armed),
+            entered: entered_tx,
+            release: release_rx,
+        };
+        let manager = KeyManager::open(
+            Box::new(store),
+            Arc::clone(&clock) as Arc<dyn Clock>,
+            settings(),
+        )
+        .unwrap();
+        let first = manager.list_keys().1.unwrap();
+
+        // An immediate rotation keeps signers out while it commits; the commit hangs.
+        armed.store(true, Ordering::SeqCst);
+        let rotating = {
+            let manager = manager.clone();
+            std::thread::spawn(move || manager.rotate_blocking(Duration::ZERO))
+        };
+        entered.recv().unwrap();
+
+        // GetJwks, FetchKeys, ListKeys and metrics still answer, with the keys as they were.
+        let (answer, answered) = channel();
+        let reader = manager.clone();
+        std::thread::spawn(move || {
+            let published = reader.published();
+            let (_, active) = reader.list_keys();
+            let _ = answer.send((published.keys.len(), active));
+        });
+        let seen = answered.recv_timeout(Duration::from_secs(10));
+        release.send(()).unwrap();
+        let new = rotating.join().unwrap().unwrap().active_kid;
+        assert_eq!(
+            seen.expect("a reader waited for the hanging commit"),
+            (1, Some(first))
+        );
+        // Once the commit is through, readers see the new key.
+        assert_eq!(manager.list_keys().1, Some(new));
+        assert_eq!(manager.published().keys.len(), 2);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! A damaged store or the wrong KEK: the real binary refuses to start with a one-line error and its
-//! own exit code, and leaves every file byte-identical. It never makes fresh keys over a store.
+//! own exit code, and leaves every file byte-identical. It never makes fresh keys over a store. A
+//! store written by an earlier version is not damage: it opens.
 
 mod common;
 
@@ -206,4 +207,40 @@ fn configuration_errors_exit_64_naming_the_setting() {
         assert!(out.contains(setting), "{setting}: {out}");
     }
     assert!(!data.join("keyring.json").exists(), "nothing was created");
+}
+
+/// `tests/fixtures/store-before-history`: written by the version before key records kept a history
+/// of retired keys. Its MAC covers a file without that member; it must open, keep its keys, sign,
+/// and open again once today's version has rewritten it.
+#[test]
+fn a_store_written_before_the_retired_key_history_opens_with_its_keys() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-before-history");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::copy(fixture.join("keyring.json"), data.join("keyring.json")).unwrap();
+    let kek = dir.path().join("kek.b64");
+    std::fs::copy(fixture.join("kek.b64"), &kek).unwrap();
+    let previous = "pCj4htsa0ZG0si79iLv-ORVVb3o_ZO9BFVbcrpvYEek";
+    let active = "P-iG3xsixyfNoOrnvEHFwaBbAB1-mAHzoB5JKFuO0PM";
+
+    let mut kms = Kms::start(&data, &kek, "https://issuer.example/", &[]);
+    let listed = kms.list_keys();
+    let kids: Vec<&str> = listed.keys.iter().map(|k| k.key_id.as_str()).collect();
+    // The previous key is published or, once its 24 h are over, in the retired history.
+    assert!(
+        kids.contains(&previous) && kids.contains(&active),
+        "{kids:?}"
+    );
+    assert_eq!(listed.active_key_id, active);
+    assert_eq!(kms.sign_simple().key_id, active);
+
+    // A rotation rewrites the store in today's format; it opens again.
+    kms.rotate(0).expect("RotateKeys");
+    kms.restart();
+    assert!(
+        kms.list_keys().keys.iter().any(|k| k.key_id == active),
+        "{}",
+        kms.proc.log_text()
+    );
 }

@@ -27,6 +27,7 @@ use oidc_kms::logging::LogFormat;
 use oidc_kms::shutdown::{self, Shutdown};
 use oidc_kms::token::LIFETIME_CEILING;
 use tokio::net::TcpListener;
+use zeroize::Zeroizing;
 
 /// Exit code for invalid configuration (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -180,7 +181,8 @@ struct Config {
 
 enum KekSource {
     File(PathBuf),
-    Env(String),
+    /// The KEK's text from OIDC_KMS_KEK (the environment itself keeps its own copy).
+    Env(Zeroizing<String>),
     /// --dev without a KEK: generated on first start, kept in this file.
     DevGenerated(PathBuf),
 }
@@ -259,7 +261,7 @@ fn check(cli: Cli) -> Result<Config, String> {
     };
     let kek = match (&cli.kek_file, std::env::var("OIDC_KMS_KEK")) {
         (Some(f), _) => KekSource::File(f.clone()),
-        (None, Ok(value)) => KekSource::Env(value),
+        (None, Ok(value)) => KekSource::Env(Zeroizing::new(value)),
         (None, Err(_)) if cli.dev => KekSource::DevGenerated(data_dir.join(DEV_KEK_FILE)),
         (None, Err(_)) => {
             return Err("no key-encryption key: give --kek-file PATH or set OIDC_KMS_KEK (make one with: oidc-kms kek generate --out FILE)".into());
@@ -377,6 +379,7 @@ fn read_kek(source: &KekSource) -> Result<Kek, String> {
     match source {
         KekSource::File(path) => {
             let text = std::fs::read_to_string(path)
+                .map(Zeroizing::new)
                 .map_err(|e| format!("--kek-file {}: {e}", path.display()))?;
             warn_if_readable_by_others(path);
             Kek::from_base64(&text).map_err(|e| format!("--kek-file {}: {e}", path.display()))
@@ -400,7 +403,9 @@ fn warn_if_readable_by_others(path: &Path) {
 
 fn dev_kek(path: &Path) -> Result<Kek, String> {
     if path.exists() {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map(Zeroizing::new)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         return Kek::from_base64(&text).map_err(|e| format!("{}: {e}", path.display()));
     }
     // A store without its dev KEK was sealed with another KEK: say so, and write nothing.
@@ -425,11 +430,9 @@ fn dev_kek(path: &Path) -> Result<Kek, String> {
     let mut file = options
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    std::io::Write::write_all(
-        &mut file,
-        format!("{}\n", kek.to_base64().as_str()).as_bytes(),
-    )
-    .map_err(|e| format!("{}: {e}", path.display()))?;
+    std::io::Write::write_all(&mut file, kek.to_base64().as_bytes())
+        .and_then(|()| std::io::Write::write_all(&mut file, b"\n"))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(kek)
 }
 

@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +60,17 @@ struct StoreFile {
     retired: Vec<RetiredKey>,
     /// HMAC-SHA256 over this structure serialized with `mac` empty.
     mac: String,
+}
+
+/// What the MAC of a store written before the retired-key history existed covers: the same file
+/// without its `retired` member. Such files are still read (same format version).
+#[derive(Serialize)]
+struct StoreFileBeforeHistory<'a> {
+    format: &'a str,
+    version: u32,
+    kek_check: &'a str,
+    keys: &'a [StoredKey],
+    mac: &'a str,
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -212,15 +224,20 @@ impl FileStore {
         let before_rename = (|| {
             self.step(WriteStep::Create)
                 .and_then(|()| {
+                    // A leftover temp file (or a link planted in its place) goes; the new one is
+                    // created afresh, owner-only from its first byte, never through a link.
+                    match fs::remove_file(&tmp) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
                     OpenOptions::new()
-                        .create(true)
-                        .truncate(true)
                         .write(true)
+                        .create_new(true)
+                        .mode(0o600)
                         .open(&tmp)
                 })
                 .map_err(io_err("create", &tmp))
                 .and_then(|mut f| {
-                    restrict(&tmp, 0o600);
                     self.step(WriteStep::Write)
                         .and_then(|()| f.write_all(bytes))
                         .map_err(io_err("write", &tmp))?;
@@ -252,6 +269,24 @@ impl FileStore {
         let bytes = serde_json::to_vec(&*file).expect("store file serializes");
         file.mac = saved;
         bytes
+    }
+
+    /// Whether `tag` is the MAC of `file`, as this version writes it or, for a file with no
+    /// retired keys, as versions before the retired-key history wrote it.
+    fn mac_matches(&self, file: &mut StoreFile, tag: &[u8]) -> bool {
+        if hmac::verify(&self.mac_key, &Self::mac_input(file), tag).is_ok() {
+            return true;
+        }
+        let before_history = StoreFileBeforeHistory {
+            format: &file.format,
+            version: file.version,
+            kek_check: &file.kek_check,
+            keys: &file.keys,
+            mac: "",
+        };
+        file.retired.is_empty()
+            && serde_json::to_vec(&before_history)
+                .is_ok_and(|bytes| hmac::verify(&self.mac_key, &bytes, tag).is_ok())
     }
 
     fn parse(&self, path: &Path, bytes: &[u8]) -> Result<StoreFile, StoreError> {
@@ -414,7 +449,7 @@ impl KeyStore for FileStore {
             return Err(StoreError::WrongKek { path });
         }
         let tag = B64.decode(&file.mac).unwrap_or_default();
-        if hmac::verify(&self.mac_key, &Self::mac_input(&mut file), &tag).is_err() {
+        if !self.mac_matches(&mut file, &tag) {
             return Err(self.what_was_altered(&file, path));
         }
         let altered = |reason: String| StoreError::Altered {
@@ -616,6 +651,30 @@ mod tests {
         assert!(file["retired"][0].get("sealed_pkcs8").is_none());
         drop(store);
         assert_eq!(reload(dir.path(), &kek), ring, "the history reads back");
+    }
+
+    #[test]
+    fn a_link_planted_at_the_temp_path_is_replaced_not_followed() {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::generate().unwrap();
+        let (mut store, ring) = new_store(dir.path(), &kek);
+        let outside = dir.path().join("outside");
+        fs::write(&outside, b"not yours").unwrap();
+        std::os::unix::fs::symlink(&outside, store.dir.join(TEMP_NAME)).unwrap();
+
+        let next = with_new_key(&mut store, &ring);
+        store.commit(&next).unwrap();
+
+        assert_eq!(fs::read(&outside).unwrap(), b"not yours");
+        let meta = fs::symlink_metadata(store.keyring_path()).unwrap();
+        assert!(meta.file_type().is_file(), "keyring.json is a regular file");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(meta.nlink(), 1);
+        assert!(!store.dir.join(TEMP_NAME).exists());
+        drop(store);
+        let loaded = FileStore::open(dir.path(), &kek).unwrap().load().unwrap();
+        assert_eq!(loaded.unwrap().keyring.records().len(), 2);
     }
 
     #[test]
