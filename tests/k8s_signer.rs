@@ -388,6 +388,10 @@ fn socket_is_private_replaces_a_stale_file_and_refuses_a_live_one() {
         69,
         "another process is listening",
     );
+    assert!(
+        !dir.path().join("second/data/keyring.json").exists(),
+        "a start refused for its socket makes no key store"
+    );
     assert_eq!(std::fs::metadata(&sock).unwrap().ino(), meta.ino());
     api.issue_pod_token("default", "app", KUBE_AUD);
 

@@ -723,6 +723,35 @@ fn invalid_configuration_exits_64_naming_the_setting() {
             );
         }
     }
+    // A bad value is blamed on where it came from, never on a file that does not set it.
+    let other = toml("other.toml", "rotation-period = \"7d\"\n");
+    let blamed: Vec<(Vec<String>, Vec<(&str, &str)>, &str)> = vec![
+        (
+            base(&["--config", &other, "--rsa-bits", "1024"]),
+            vec![],
+            "--rsa-bits: RSA keys are 2048, 3072 or 4096 bits, not 1024\n",
+        ),
+        (
+            base(&["--config", &other]),
+            vec![("OIDC_KMS_RSA_BITS", "1024")],
+            "--rsa-bits: RSA keys are 2048, 3072 or 4096 bits, not 1024 (set by the environment \
+             variable OIDC_KMS_RSA_BITS)",
+        ),
+        (
+            base(&["--config", &other, "--algorithm", "HS256"]),
+            vec![],
+            "--algorithm: unsupported algorithm \"HS256\": use RS256, ES256 or ES384\n",
+        ),
+    ];
+    for (args, env, want) in blamed {
+        let (code, out) = ops::run_to_exit(kms_bin(), &args, &env, dir.path());
+        assert_eq!(code, 64, "{args:?} {env:?}: {out}");
+        assert!(
+            out.contains(want),
+            "{args:?} {env:?}: {want:?} not in {out}"
+        );
+        assert!(!out.contains("config file"), "{args:?} {env:?}: {out}");
+    }
     assert!(
         !data.exists(),
         "invalid configuration never touches the store"

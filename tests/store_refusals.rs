@@ -244,3 +244,28 @@ fn a_store_written_before_the_retired_key_history_opens_with_its_keys() {
         kms.proc.log_text()
     );
 }
+
+/// The data directory's lock, then every listening socket, then the keys: a start that cannot
+/// listen exits 69 and leaves no fresh key store behind.
+#[test]
+fn a_start_that_cannot_listen_makes_no_key_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let kek = write_kek(dir.path());
+    let data = dir.path().join("data");
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let mut p = Proc::spawn(
+        kms_bin(),
+        &kms_args(port, &data, &kek, "https://issuer.example/", &[]),
+        dir.path().join("kms.log"),
+        None,
+    );
+    let status = wait_exit(&mut p.child, Duration::from_secs(30)).expect("refuses promptly");
+    let log = p.log_text();
+    assert_eq!(status.code(), Some(69), "{log}");
+    assert!(
+        log.contains(&format!("cannot listen on 127.0.0.1:{port} (--listen)")),
+        "{log}"
+    );
+    assert!(!data.join("keyring.json").exists(), "{log}");
+}

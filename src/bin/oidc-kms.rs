@@ -21,7 +21,7 @@ use oidc_kms::gateway::{self, GatewayConfig};
 use oidc_kms::grpc::k8s_signer::{self, SignerSocket};
 use oidc_kms::issuer::Issuer;
 use oidc_kms::key_manager::{KeyManager, Settings};
-use oidc_kms::keys::{FileStore, Kek, KeySpec};
+use oidc_kms::keys::{FileStore, Kek, KeySpec, SpecError};
 use oidc_kms::lifecycle::Policy;
 use oidc_kms::logging::LogFormat;
 use oidc_kms::shutdown::{self, Shutdown};
@@ -227,8 +227,10 @@ fn check(cli: Cli) -> Result<Config, String> {
                 .into(),
         );
     }
-    let spec = KeySpec::from_algorithm(&cli.algorithm, cli.rsa_bits)
-        .map_err(|e| format!("--algorithm/--rsa-bits: {e}"))?;
+    let spec = KeySpec::from_algorithm(&cli.algorithm, cli.rsa_bits).map_err(|e| match e {
+        SpecError::Algorithm(_) => format!("--algorithm: {e}"),
+        SpecError::RsaBits(_) => format!("--rsa-bits: {e}"),
+    })?;
     let rotation_period = match cli.rotation_period.as_str() {
         "off" | "0" | "never" => None,
         text => Some(parse_duration(text).map_err(|e| format!("--rotation-period: {e}"))?),
@@ -521,29 +523,19 @@ async fn run(config: Config) -> Result<(), Failure> {
     let kek = read_kek(&config.kek)
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
         .map_err(failure(EXIT_CONFIG))?;
+    // The store's lock first (a second process on the same data directory is told so), then every
+    // listening socket, and only then the keys: a busy port never leaves a fresh key store behind.
     let data_dir = config.data_dir.clone();
-    let settings = config.settings.clone();
-    let manager = tokio::task::spawn_blocking(move || -> Result<KeyManager, Failure> {
-        let store = FileStore::open(&data_dir, &kek).map_err(|e| Failure {
+    let store = tokio::task::spawn_blocking(move || FileStore::open(&data_dir, &kek))
+        .await
+        .map_err(|e| Failure {
+            code: 70,
+            error: e.into(),
+        })?
+        .map_err(|e| Failure {
             code: e.exit_code() as u8,
             error: e.into(),
         })?;
-        KeyManager::open(Box::new(store), Arc::new(SystemClock), settings).map_err(|e| {
-            let code = match &e {
-                oidc_kms::Error::Store(s) => s.exit_code() as u8,
-                _ => 70,
-            };
-            Failure {
-                code,
-                error: e.into(),
-            }
-        })
-    })
-    .await
-    .map_err(|e| Failure {
-        code: 70,
-        error: e.into(),
-    })??;
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -576,6 +568,23 @@ async fn run(config: Config) -> Result<(), Failure> {
         ),
         None => None,
     };
+
+    let settings = config.settings.clone();
+    let manager = tokio::task::spawn_blocking(move || {
+        KeyManager::open(Box::new(store), Arc::new(SystemClock), settings)
+    })
+    .await
+    .map_err(|e| Failure {
+        code: 70,
+        error: e.into(),
+    })?
+    .map_err(|e| Failure {
+        code: match &e {
+            oidc_kms::Error::Store(s) => s.exit_code() as u8,
+            _ => 70,
+        },
+        error: e.into(),
+    })?;
 
     let (trigger, shutdown) = Shutdown::new();
     let (_, active) = manager.list_keys();

@@ -17,5 +17,5 @@ pub use kek::{Kek, KekError};
 pub use public_key::{PublicKey, PublicParams, kid_of};
 pub use signer::{SignError, Signer};
 pub use software_key::{KeyError, SoftwareKey};
-pub use spec::KeySpec;
+pub use spec::{KeySpec, SpecError};
 pub use store::{KeyStore, LoadedKeys, StoreError};

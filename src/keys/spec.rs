@@ -14,6 +14,17 @@ pub enum KeySpec {
     P384,
 }
 
+/// A key type we do not make.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// Not one of our JWS algorithms.
+    #[error("unsupported algorithm {0:?}: use RS256, ES256 or ES384")]
+    Algorithm(String),
+    /// An RSA size we do not make.
+    #[error("RSA keys are 2048, 3072 or 4096 bits, not {0}")]
+    RsaBits(u32),
+}
+
 /// The RSA sizes we make: 2048 bits is the floor verifiers accept, 4096 the sensible ceiling.
 pub const RSA_BITS: [u32; 3] = [2048, 3072, 4096];
 
@@ -22,17 +33,13 @@ impl KeySpec {
     pub const DEFAULT: KeySpec = KeySpec::Rsa(2048);
 
     /// Builds a spec from a JWS algorithm name and, for RSA, a size.
-    pub fn from_algorithm(alg: &str, rsa_bits: u32) -> Result<Self, String> {
+    pub fn from_algorithm(alg: &str, rsa_bits: u32) -> Result<Self, SpecError> {
         match alg {
             "RS256" if RSA_BITS.contains(&rsa_bits) => Ok(KeySpec::Rsa(rsa_bits)),
-            "RS256" => Err(format!(
-                "RSA keys are 2048, 3072 or 4096 bits, not {rsa_bits}"
-            )),
+            "RS256" => Err(SpecError::RsaBits(rsa_bits)),
             "ES256" => Ok(KeySpec::P256),
             "ES384" => Ok(KeySpec::P384),
-            other => Err(format!(
-                "unsupported algorithm {other:?}: use RS256, ES256 or ES384"
-            )),
+            other => Err(SpecError::Algorithm(other.to_owned())),
         }
     }
 
@@ -80,9 +87,9 @@ impl FromStr for KeySpec {
         match s.split_once('-') {
             Some(("RS256", bits)) => {
                 let bits = bits.parse().map_err(|_| format!("bad RSA size in {s:?}"))?;
-                KeySpec::from_algorithm("RS256", bits)
+                KeySpec::from_algorithm("RS256", bits).map_err(|e| e.to_string())
             }
-            None if s != "RS256" => KeySpec::from_algorithm(s, 0),
+            None if s != "RS256" => KeySpec::from_algorithm(s, 0).map_err(|e| e.to_string()),
             _ => Err(format!("unknown key type {s:?}")),
         }
     }
