@@ -625,6 +625,8 @@ fn gateway_configuration_layers_file_under_env_under_flag() {
 
 /// Arguments, environment, and what the error must mention.
 type Case<'a> = (Vec<String>, Vec<(&'a str, &'a str)>, Vec<&'a str>);
+/// Environment variables for one run.
+type Env<'a> = Vec<(&'a str, &'a str)>;
 
 #[test]
 fn invalid_configuration_exits_64_naming_the_setting() {
@@ -725,7 +727,7 @@ fn invalid_configuration_exits_64_naming_the_setting() {
     }
     // A bad value is blamed on where it came from, never on a file that does not set it.
     let other = toml("other.toml", "rotation-period = \"7d\"\n");
-    let blamed: Vec<(Vec<String>, Vec<(&str, &str)>, &str)> = vec![
+    let blamed: Vec<(Vec<String>, Env, &str)> = vec![
         (
             base(&["--config", &other, "--rsa-bits", "1024"]),
             vec![],
