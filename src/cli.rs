@@ -140,10 +140,12 @@ pub struct Client {
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
 enum Failure {
-    #[error("{rpc} failed: {}: {}{}", code_name(.status.code() as i32), .status.message(), tls_hint(.status))]
+    #[error("{rpc} failed: {}: {}{hint}", code_name(.status.code() as i32), .status.message())]
     Refused {
         rpc: &'static str,
         status: tonic::Status,
+        /// What a connection failure most likely means ("" for the key service's own answers).
+        hint: String,
     },
     #[error("cannot reach the key service at {url}: {reason}")]
     Unreachable { url: String, reason: String },
@@ -158,11 +160,9 @@ enum Failure {
 impl Failure {
     fn exit_code(&self) -> u8 {
         match self {
-            // A transport failure on the call itself (the service went away) is unreachability.
-            Failure::Refused { status, .. }
-                if status.code() == tonic::Code::Unavailable
-                    && status.message().contains("transport") =>
-            {
+            // A connection that failed on the call itself (the service went away, or the URL
+            // names something that is not the key service as configured) is unreachability.
+            Failure::Refused { status, .. } if grpc_client::is_connection_failure(status) => {
                 EXIT_UNAVAILABLE
             }
             Failure::Refused { .. } => EXIT_REFUSED,
@@ -213,7 +213,7 @@ async fn execute(command: Command) -> Result<Output, Failure> {
             let r = c
                 .list_keys(pb::ListKeysRequest {})
                 .await
-                .map_err(refused("ListKeys"))?
+                .map_err(refused("ListKeys", &client.kms))?
                 .into_inner();
             Ok(print(
                 client.json,
@@ -228,7 +228,7 @@ async fn execute(command: Command) -> Result<Output, Failure> {
             let r = c
                 .rotate_keys(pb::RotateKeysRequest { prepublish_seconds })
                 .await
-                .map_err(refused("RotateKeys"))?
+                .map_err(refused("RotateKeys", &client.kms))?
                 .into_inner();
             Ok(print(
                 client.json,
@@ -276,7 +276,7 @@ async fn execute(command: Command) -> Result<Output, Failure> {
                     claims,
                 })
                 .await
-                .map_err(refused("SignToken"))?
+                .map_err(refused("SignToken", &client.kms))?
                 .into_inner();
             if client.json {
                 return Ok(Output {
@@ -304,17 +304,12 @@ async fn execute(command: Command) -> Result<Output, Failure> {
     }
 }
 
-/// What an HTTP/2 protocol error from a plaintext client most often means.
-fn tls_hint(status: &tonic::Status) -> &'static str {
-    if status.message().contains("h2 protocol error") {
-        " (if the key service serves TLS, use an https:// --kms URL)"
-    } else {
-        ""
+fn refused(rpc: &'static str, url: &str) -> impl FnOnce(tonic::Status) -> Failure {
+    move |status| Failure::Refused {
+        rpc,
+        hint: grpc_client::connection_hint(&status, url, TLS_SETTINGS),
+        status,
     }
-}
-
-fn refused(rpc: &'static str) -> impl FnOnce(tonic::Status) -> Failure {
-    move |status| Failure::Refused { rpc, status }
 }
 
 fn print(json: bool, as_json: impl FnOnce() -> Value, as_text: impl FnOnce() -> String) -> Output {

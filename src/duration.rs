@@ -56,7 +56,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Like [`parse_duration`], for settings the wire carries in seconds: refuses what is not whole
 /// seconds rather than rounding `999ms` down to 0 (which would mean something else entirely).
 pub fn parse_whole_seconds(text: &str) -> Result<Duration, String> {
-    let d = parse_duration(text)?;
+    // `ms` parses, but only whole seconds of it would pass: do not suggest it.
+    let d =
+        parse_duration(text).map_err(|e| e.replace("use ms, s, m, h or d", "use s, m, h or d"))?;
     if d.subsec_nanos() != 0 {
         return Err(format!("{text:?} is not whole seconds (e.g. 1s, 90s, 15m)"));
     }
@@ -99,6 +101,11 @@ mod tests {
                 .contains("whole seconds")
         );
         assert!(parse_whole_seconds("1s500ms").is_err());
+        assert!(
+            parse_whole_seconds("1x")
+                .unwrap_err()
+                .ends_with("(use s, m, h or d)")
+        );
     }
 
     #[test]

@@ -133,7 +133,7 @@ pub enum LifecycleError {
     },
     /// A pre-published rotation would unpublish an older key before its tokens expire.
     #[error(
-        "a pre-published rotation now would unpublish key {kid} while tokens it signed are valid until {retires_at}; wait until then, or rotate without pre-publication (which retires it at once, as AKS does)"
+        "a pre-published rotation now would unpublish key {kid} while tokens it signed are valid until {retires_at}; wait until then, or rotate without pre-publication (which keeps only the key it replaces and retires every older key at once, as AKS does)"
     )]
     PreviousStillPublished {
         /// The older key.

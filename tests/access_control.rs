@@ -537,6 +537,17 @@ fn the_gateway_and_the_admin_cli_reach_a_mutual_tls_key_service() {
         )
     };
     let admin_files = pem(&admin, "admin");
+    let cli_at = |kms_url: &str| {
+        let out = std::process::Command::new(kms_bin())
+            .args(["keys", "list", "--kms", kms_url])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
     let (code, out) = cli(&admin_files, &["keys", "list", "--json"]);
     assert_eq!(code, Some(0), "{out}");
     let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -544,6 +555,23 @@ fn the_gateway_and_the_admin_cli_reach_a_mutual_tls_key_service() {
     let (code, out) = cli(&pem(&apiserver, "apiserver"), &["keys", "rotate"]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("PERMISSION_DENIED"), "{out}");
+    // A plaintext URL for a TLS service, or a certificate from another CA: the connection fails
+    // (exit 69), and the message says what to check.
+    let (code, out) = cli_at(&format!("http://127.0.0.1:{}", kms.port));
+    assert_eq!(code, Some(69), "{out}");
+    assert!(out.contains("use an https:// URL and --ca-cert"), "{out}");
+    let stranger = TestCa::new("another CA").client(&[ADMIN]);
+    let (code, out) = cli(&pem(&stranger, "stranger"), &["keys", "list"]);
+    assert_eq!(code, Some(69), "{out}");
+    assert!(
+        out.contains("the TLS connection failed: check that --ca-cert"),
+        "{out}"
+    );
+    // The gateway's port is not the key service, and says so in gRPC.
+    let (code, out) = cli_at(&format!("http://127.0.0.1:{gw_port}"));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("UNIMPLEMENTED: this is oidc-gateway"), "{out}");
+
     // An https:// URL needs the CA bundle: a usage error, exit 64.
     let out = std::process::Command::new(kms_bin())
         .args(["keys", "list", "--kms", &url])

@@ -415,6 +415,25 @@ fn socket_is_private_replaces_a_stale_file_and_refuses_a_live_one() {
     );
     assert_eq!(std::fs::read(&sock).unwrap(), b"precious");
 
+    // A socket in a directory that is not there: the message names the directory.
+    let nowhere = dir.path().join("nowhere");
+    refused(
+        spawn_kms(
+            dir.path(),
+            "fifth",
+            issuer,
+            &[
+                "--k8s-signer-socket",
+                nowhere.join("s.sock").to_str().unwrap(),
+            ],
+        ),
+        69,
+        &format!(
+            "{}: the socket's directory does not exist",
+            nowhere.display()
+        ),
+    );
+
     // kube-apiserver refuses a signer whose maximum lifetime is below 600 s: a config error.
     refused(
         spawn_kms(

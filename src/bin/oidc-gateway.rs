@@ -11,7 +11,7 @@ use oidc_kms::config;
 use oidc_kms::duration::{format_duration, parse_duration};
 use oidc_kms::gateway::documents::MAX_CACHE_AGE;
 use oidc_kms::gateway::{self, GatewayConfig};
-use oidc_kms::grpc::client::{self, SettingNames, TlsFiles};
+use oidc_kms::grpc::client::{self, TlsFiles};
 use oidc_kms::logging::LogFormat;
 use oidc_kms::shutdown::{self, Shutdown};
 use tokio::net::TcpListener;
@@ -27,13 +27,6 @@ file given by --config, e.g.:
 
 Precedence: flag > environment > config file > default. Invalid configuration exits with code 64, \
 naming the setting.";
-
-/// The gateway's TLS settings for reaching the key service, as named in errors.
-const KMS_TLS_SETTINGS: SettingNames = SettingNames {
-    ca_cert: "--kms-ca-cert",
-    client_cert: "--kms-client-cert",
-    client_key: "--kms-client-key",
-};
 
 /// The oidc-kms HTTP gateway: public OpenID Connect discovery and JWKS for relying parties.
 #[derive(Debug, clap::Parser)]
@@ -136,7 +129,7 @@ fn main() -> ExitCode {
         client_cert: cli.kms_client_cert.clone(),
         client_key: cli.kms_client_key.clone(),
     };
-    let kms = match client::endpoint(&cli.kms, &tls, KMS_TLS_SETTINGS) {
+    let kms = match client::endpoint(&cli.kms, &tls, gateway::KMS_TLS_SETTINGS) {
         Ok(endpoint) => endpoint,
         Err(e) => {
             eprintln!(

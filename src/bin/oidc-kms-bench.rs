@@ -50,7 +50,13 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse, health_client::H
 
 /// Benchmarks oidc-kms against the limits of this machine; prints a JSON line last.
 #[derive(Debug, Parser)]
-#[command(name = "oidc-kms-bench", version, about, long_about = None)]
+#[command(
+    name = "oidc-kms-bench",
+    version,
+    about = "Measures oidc-kms against the machine's limits: raw signatures, SignToken over gRPC, \
+             an empty RPC, the gateway against nginx, and peak memory; ends with one JSON line",
+    long_about = None
+)]
 struct Args {
     /// Short runs (the whole benchmark in well under a minute).
     #[arg(long)]
@@ -783,8 +789,8 @@ async fn signing_suite(
     suite.raw = Some(raw);
     for (op, clients, load) in loads {
         let what = match op {
-            Op::SignToken => format!("SignToken, {clients} clients"),
-            Op::Empty => format!("empty RPC (Health/Check), {clients} clients"),
+            Op::SignToken => format!("SignToken, {}", clients_label(clients)),
+            Op::Empty => format!("empty RPC (Health/Check), {}", clients_label(clients)),
         };
         println!("{}", load.line(&what));
         match op {
@@ -1314,4 +1320,12 @@ http {{
         bail!("nginx serves other bytes than the gateway");
     }
     Ok((pid, addr))
+}
+
+fn clients_label(clients: usize) -> String {
+    if clients == 1 {
+        "1 client".into()
+    } else {
+        format!("{clients} clients")
+    }
 }

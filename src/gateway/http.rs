@@ -61,8 +61,31 @@ fn document(
         .expect("valid response")
 }
 
+/// What a gRPC client pointed at the gateway instead of the key service gets: a gRPC answer it can
+/// show (trailers-only, UNIMPLEMENTED), not an HTTP page it would try to read as messages.
+fn not_the_key_service() -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/grpc")
+        .header("grpc-status", "12")
+        .header(
+            "grpc-message",
+            "this is oidc-gateway (the public discovery and JWKS endpoints over HTTP), not the key \
+             service: point the client at the key service's gRPC port",
+        )
+        .body(Full::new(Bytes::new()))
+        .expect("valid response")
+}
+
 /// Answers one request from the current state.
 pub fn respond(state: &GatewayState, req: &Request<Incoming>) -> Response<Body> {
+    if req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    {
+        return not_the_key_service();
+    }
     let path = req.uri().path();
     let docs = state.documents_and_age();
     // Which paths are ours is known from the last key set, fresh or not (before the first one,

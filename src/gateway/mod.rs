@@ -15,6 +15,13 @@ use tonic::transport::Endpoint;
 use crate::shutdown::Shutdown;
 
 pub use documents::Documents;
+
+/// The gateway's names for its key-service client settings, for error messages.
+pub const KMS_TLS_SETTINGS: crate::grpc::client::SettingNames = crate::grpc::client::SettingNames {
+    ca_cert: "--kms-ca-cert",
+    client_cert: "--kms-client-cert",
+    client_key: "--kms-client-key",
+};
 pub use refresh::GatewayState;
 
 /// How the gateway keeps its key set current.

@@ -9,6 +9,7 @@ use tonic::transport::Channel;
 
 use super::GatewayConfig;
 use super::documents::Documents;
+use crate::grpc::client::connection_hint;
 use crate::grpc::pb::{self, key_service_client::KeyServiceClient};
 use crate::jwk::Jwk;
 use crate::shutdown::Shutdown;
@@ -125,7 +126,10 @@ impl Refresher {
             .client
             .get_jwks(pb::GetJwksRequest {})
             .await
-            .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+            .map_err(|s| {
+                let hint = connection_hint(&s, &self.url, super::KMS_TLS_SETTINGS);
+                format!("{}: {}{hint}", s.code(), s.message())
+            })?
             .into_inner();
         let hint = Duration::from_secs(answer.cache_max_age_seconds.max(1) as u64);
         let keys = answer.keys.into_iter().map(jwk).collect();
@@ -141,12 +145,16 @@ impl Refresher {
         tokio::pin!(stop);
         let mut failing = false;
         let mut told_stale = false;
+        let mut fetched = false;
         loop {
             let wait = match self.refresh().await {
                 Ok(hint) => {
-                    if failing {
+                    if failing && fetched {
                         tracing::info!(kms = %self.url, "key service reachable again; key set refreshed");
+                    } else if failing {
+                        tracing::info!(kms = %self.url, "key service reachable; first key set fetched");
                     }
+                    fetched = true;
                     failing = false;
                     told_stale = false;
                     self.interval.min(hint)

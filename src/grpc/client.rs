@@ -33,6 +33,49 @@ pub struct TlsFiles {
     pub client_key: Option<PathBuf>,
 }
 
+/// Whether a failed call's status came from the connection (it broke, or never spoke gRPC)
+/// rather than from the key service answering.
+pub fn is_connection_failure(status: &tonic::Status) -> bool {
+    let message = status.message();
+    match status.code() {
+        tonic::Code::Unavailable => message.contains("transport") || message.contains("connect"),
+        tonic::Code::Unknown => message.starts_with("transport error"),
+        // hyper's word for a request whose connection went away under it.
+        tonic::Code::Cancelled => message.contains("operation was canceled"),
+        tonic::Code::Internal => {
+            message.contains("h2 protocol error") || message.contains("invalid compression flag")
+        }
+        _ => false,
+    }
+}
+
+/// What a connection failure most likely means, for the end of an error message ("" when the
+/// status is the key service's own answer). `url` is the `--kms` URL.
+pub fn connection_hint(status: &tonic::Status, url: &str, names: SettingNames) -> String {
+    if !is_connection_failure(status) || status.code() == tonic::Code::Unavailable {
+        return String::new();
+    }
+    if status.message().contains("invalid compression flag") {
+        return " (what answered is not a gRPC server: check the port; the gateway's HTTP port is \
+                 not the key service)"
+            .into();
+    }
+    if url.starts_with("http://") {
+        format!(
+            " (the connection failed before any answer: if the key service serves TLS, use an \
+             https:// URL and {})",
+            names.ca_cert
+        )
+    } else {
+        format!(
+            " (the TLS connection failed: check that {} holds the CA that signed the key \
+             service's certificate, and that {} and {} are a pair signed by a CA the key service \
+             trusts)",
+            names.ca_cert, names.client_cert, names.client_key
+        )
+    }
+}
+
 /// A client cannot be set up as configured.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

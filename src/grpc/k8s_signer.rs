@@ -215,6 +215,12 @@ pub enum BindError {
         /// The path.
         path: PathBuf,
     },
+    /// The directory the socket goes in is not there.
+    #[error("{}: the socket's directory does not exist (or is not a directory); create it first", path.display())]
+    NoDirectory {
+        /// The directory.
+        path: PathBuf,
+    },
     /// A file-system or socket call failed.
     #[error("{}: {action}: {source}", path.display())]
     Io {
@@ -261,10 +267,11 @@ impl Drop for SocketFile {
     }
 }
 
-/// Fails unless nothing is at `path` or only a stale socket file (one nobody listens on) is.
-async fn check_replaceable(path: &Path) -> Result<(), BindError> {
+/// Fails unless nothing is at `path` or only a stale socket file (one nobody listens on) is;
+/// says which (`true`: a stale socket).
+async fn check_replaceable(path: &Path) -> Result<bool, BindError> {
     match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(io_error(path, "cannot inspect the existing file")(e)),
         Ok(meta) if !meta.file_type().is_socket() => {
             return Err(BindError::NotASocket {
@@ -278,10 +285,7 @@ async fn check_replaceable(path: &Path) -> Result<(), BindError> {
         Ok(Ok(_)) | Err(_) => Err(BindError::InUse {
             path: path.to_path_buf(),
         }),
-        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            tracing::info!(path = %path.display(), "replacing a stale signer socket file");
-            Ok(())
-        }
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(true),
         Ok(Err(e)) => Err(io_error(path, "cannot probe the existing socket")(e)),
     }
 }
@@ -303,7 +307,14 @@ impl SignerSocket {
                 io::ErrorKind::InvalidInput.into(),
             ));
         }
-        check_replaceable(path).await?;
+        if !parent.is_dir() {
+            return Err(BindError::NoDirectory {
+                path: parent.to_path_buf(),
+            });
+        }
+        if check_replaceable(path).await? {
+            tracing::info!(path = %path.display(), "replacing a stale signer socket file");
+        }
         // A short random name (Unix socket paths are limited to about 107 bytes); creating it
         // fails rather than reuses a directory that is already there.
         let mut tag = [0u8; 4];
