@@ -1,4 +1,5 @@
-//! Time, injected. Lifecycle and token code take a [`Clock`] so tests move time instead of sleeping.
+//! Time, injected. The key manager reads a [`Clock`], and hands lifecycle and token code the `now`
+//! it read, so tests move time instead of sleeping.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -19,8 +19,9 @@
 //!   the admin CLI, a gRPC client of a running key service.
 //! - [`net`]: accepting connections without spinning when descriptors run out; the hyper serve
 //!   loop with request timeouts that the gateway and `/metrics` share.
-//! - [`clock`], [`duration`], [`error`], [`strict_json`]: injected time, human durations, the
-//!   error type, JSON that names each member once.
+//! - [`clock`], [`duration`], [`error`], [`strict_json`], [`shutdown`]: injected time, human
+//!   durations, the error type, JSON that names each member once, one shutdown signal for every
+//!   task.
 #![forbid(unsafe_code)]
 
 pub mod cli;

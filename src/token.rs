@@ -219,8 +219,8 @@ pub fn signing_input(encoded_header: &str, claims: &Claims<'_>) -> String {
 pub const MAX_CLOCK_SKEW_SECS: i64 = 60;
 
 /// Checks claims that a caller encoded itself (the Kubernetes external-signer protocol): unpadded
-/// base64url of a JSON object, each claim named once, whose `iss` is ours, with integer `iat` (not
-/// in the future) and `exp` (after `iat` and now), living at most `max_lifetime` and expiring no
+/// base64url of a JSON object, each claim named once, whose `iss` is ours, with integer `iat` (no more
+/// than [`MAX_CLOCK_SKEW_SECS`] in the future) and `exp` (after `iat` and now), living at most `max_lifetime` and expiring no
 /// later than `now + max_lifetime`; `nbf`, `sub`, `aud` and `jti`, when present, of their RFC 7519
 /// types. Returns `exp`.
 pub fn check_encoded_claims(

@@ -65,8 +65,9 @@ struct JwkSet<'a> {
     keys: &'a [Jwk],
 }
 
-/// The longest a relying party is told to cache: short, so a rotation is noticed quickly.
-pub const MAX_CACHE_AGE: Duration = Duration::from_secs(300);
+/// The longest a relying party is told to cache: short, so a rotation is noticed quickly. The
+/// gateway applies the cap itself, whatever hint the key service sends.
+pub use crate::key_manager::MAX_CACHE_AGE;
 
 /// Why a key set cannot be served.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -553,7 +553,9 @@ impl KeyStore for FileStore {
                 activates_at_ms: r.activates_at.as_millis(),
                 signs_until_ms: r.signs_until.map(Timestamp::as_millis),
                 retires_at_ms: r.retires_at.map(Timestamp::as_millis),
-                max_lifetime_ms: Some(r.max_lifetime.as_millis() as i64),
+                max_lifetime_ms: Some(
+                    i64::try_from(r.max_lifetime.as_millis()).unwrap_or(i64::MAX),
+                ),
                 nonce: B64.encode(sealed.nonce),
                 sealed_pkcs8: B64.encode(&sealed.ciphertext),
             });
@@ -568,7 +570,9 @@ impl KeyStore for FileStore {
                 activates_at_ms: r.activates_at.as_millis(),
                 signs_until_ms: r.signs_until.map(Timestamp::as_millis),
                 retires_at_ms: r.retires_at.map_or(0, Timestamp::as_millis),
-                max_lifetime_ms: Some(r.max_lifetime.as_millis() as i64),
+                max_lifetime_ms: Some(
+                    i64::try_from(r.max_lifetime.as_millis()).unwrap_or(i64::MAX),
+                ),
             })
             .collect();
         let mut file = StoreFile {
