@@ -408,16 +408,16 @@ impl KeyManager {
     /// now and signs after `prepublish`. Blocking.
     pub fn rotate_blocking(&self, prepublish: Duration) -> Result<Rotation, Error> {
         let cache = self.cache_max_age();
-        if !prepublish.is_zero() && prepublish < cache {
+        if !prepublish.is_zero() && prepublish < 2 * cache {
             return Err(Error::invalid(
                 "prepublish_seconds",
                 format!(
-                    "{} s is shorter than the {} s relying parties may cache the JWKS, so some \
-                     would not hold the new key before it signs; ask for at least {} s, or 0 to \
-                     rotate at once",
+                    "{} s is too short: relying parties may cache the JWKS for {} s, and some \
+                     would not hold the new key before it signs; ask for at least {} s (twice \
+                     the cache lifetime), or 0 to rotate at once",
                     prepublish.as_secs(),
                     cache.as_secs(),
-                    cache.as_secs()
+                    (2 * cache).as_secs()
                 ),
             ));
         }
@@ -620,14 +620,12 @@ impl KeyManager {
         }
     }
 
-    /// How long a relying party may cache the published keys: never longer than the
-    /// pre-publication lead (so a scheduled key reaches every cache before it signs), at most
-    /// 300 s, at least 1 s. Manual pre-published rotations may not ask for a shorter lead.
+    /// How long a relying party may cache the published keys: half the pre-publication lead (so a
+    /// scheduled key reaches every cache before it signs, with the other half to spare for the
+    /// gateway's refresh, a slow fetch and clocks), at most 300 s, at least 1 s. Manual
+    /// pre-published rotations must ask for at least twice this.
     pub fn cache_max_age(&self) -> Duration {
-        self.inner
-            .settings
-            .policy
-            .prepublish
+        (self.inner.settings.policy.prepublish / 2)
             .min(MAX_CACHE_AGE)
             .max(Duration::from_secs(1))
     }
@@ -685,6 +683,28 @@ mod tests {
             settings,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn the_cache_hint_is_half_the_lead_and_manual_leads_twice_the_hint() {
+        let clock = Arc::new(ManualClock::new(Timestamp::from_secs(1_700_000_000)));
+        let kek = Kek::generate().unwrap();
+        for (lead, hint) in [(3600, 300), (600, 300), (60, 30), (3, 1), (1, 1)] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut s = settings();
+            s.policy.prepublish = Duration::from_secs(lead);
+            s.policy.rotation_period = None;
+            let m = open_with(dir.path(), &kek, &clock, s);
+            let cache = m.cache_max_age();
+            assert_eq!(cache.as_secs(), hint, "lead {lead} s");
+            assert_eq!(m.published().cache_max_age, cache);
+            if lead >= 60 {
+                let short = 2 * cache - Duration::from_secs(1);
+                let err = m.rotate_blocking(short).unwrap_err().to_string();
+                assert!(err.contains(&format!("at least {} s", 2 * hint)), "{err}");
+                m.rotate_blocking(2 * cache).unwrap();
+            }
+        }
     }
 
     /// A store whose commits, once armed, wait for the test's go-ahead: a disk that hangs.

@@ -230,11 +230,12 @@ fn bad_requests_get_invalid_argument_naming_the_field() {
         "states the maximum: {}",
         status.message()
     );
-    // A pre-publication lead shorter than the JWKS cache lifetime (300 s here), longer than 30
-    // days, or negative is refused, and no key is made.
+    // A pre-publication lead shorter than twice the JWKS cache lifetime (300 s here), longer than
+    // 30 days, or negative is refused, and no key is made.
     let kids = stack.kms.kids();
     for (lead, says) in [
-        (10, "at least 300 s"),
+        (10, "at least 600 s"),
+        (599, "at least 600 s"),
         (31 * 86_400, "30 days"),
         (-1, "negative"),
     ] {

@@ -131,8 +131,8 @@ fn rotation_between_fetches_moves_data_timestamp_and_old_tokens_keep_verifying()
     let mut old = start_api(&sock, Package::V1alpha1, &issuer);
     let first = api.cache.clone();
     assert!(
-        first.refresh_hint_seconds <= 3,
-        "refresh hint {} s must be within the 3 s pre-publication",
+        first.refresh_hint_seconds <= 1,
+        "refresh hint {} s must be within half the 3 s pre-publication",
         first.refresh_hint_seconds
     );
     let (token_a, kid_a) = api.issue_pod_token("default", "app", KUBE_AUD);

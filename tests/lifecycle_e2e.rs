@@ -112,8 +112,8 @@ fn scheduled_rotation_goes_next_active_previous_gone_in_the_gateway_jwks() {
             .any(|k| k.key_id == k1 && k.state() == pb::KeyState::Retired),
         "ListKeys shows k1 as retired: {listed:?}"
     );
-    // And the cache hint keeps relying parties within the pre-publication lead.
-    // (2 s, the lead, less the age of the gateway's copy.)
+    // And the cache hint keeps relying parties within half the pre-publication lead.
+    // (1 s, half the 2 s lead, less the age of the gateway's copy.)
     let cc = http_get(&stack.gw.url("/openid/v1/jwks"), &[]);
     let cc = cc.header("cache-control").unwrap();
     let max_age: u64 = cc
@@ -121,7 +121,7 @@ fn scheduled_rotation_goes_next_active_previous_gone_in_the_gateway_jwks() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(max_age <= 2, "{cc}");
+    assert!(max_age <= 1, "{cc}");
 }
 
 #[test]
