@@ -686,24 +686,6 @@ mod tests {
     }
 
     #[test]
-    fn a_wall_clock_stepped_back_after_the_first_start_still_signs() {
-        let dir = tempfile::tempdir().unwrap();
-        let kek = Kek::generate().unwrap();
-        let clock = Arc::new(ManualClock::new(Timestamp::from_secs(1_700_000_000)));
-        let m = open(dir.path(), &kek, &clock);
-        let first = m.list_keys().1.unwrap();
-        // NTP pulls the clock back an hour.
-        clock.set(Timestamp::from_secs(1_700_000_000 - 3600));
-        let request = TokenRequest {
-            subject: "s".into(),
-            audiences: vec!["a".into()],
-            ..TokenRequest::default()
-        };
-        assert_eq!(m.sign_token_blocking(&request).unwrap().kid, first);
-        assert_eq!(m.published().keys.len(), 1);
-    }
-
-    #[test]
     fn the_cache_hint_is_half_the_lead_and_manual_leads_twice_the_hint() {
         let clock = Arc::new(ManualClock::new(Timestamp::from_secs(1_700_000_000)));
         let kek = Kek::generate().unwrap();

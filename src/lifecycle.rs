@@ -241,22 +241,11 @@ impl Keyring {
     }
 
     /// The key that signs at `now`.
-    ///
-    /// Should the wall clock step back behind every key's activation (a first start with the clock
-    /// ahead, then NTP corrects it), no key would read as active and nothing could sign until the
-    /// clock caught up. Then the key that activates first, and is planned to sign, signs: it is
-    /// already published, since `next` keys are.
     pub fn active(&self, now: Timestamp) -> Option<&KeyRecord> {
         self.keys
             .iter()
             .rev()
             .find(|k| k.state(now) == KeyState::Active)
-            .or_else(|| {
-                self.keys
-                    .iter()
-                    .filter(|k| k.state(now) == KeyState::Next)
-                    .min_by_key(|k| k.activates_at)
-            })
     }
 
     /// The pre-published key waiting to sign, if any.
@@ -473,19 +462,6 @@ mod tests {
                 ring.promote_next(now, DAY);
             }
         }
-    }
-
-    #[test]
-    fn a_clock_stepped_back_behind_the_first_key_still_signs_with_it() {
-        let ring = Keyring::new("k1".into(), KeySpec::P256, t(3600), DAY);
-        assert_eq!(ring.records()[0].state(t(0)), KeyState::Next);
-        assert_eq!(ring.active(t(0)).map(|k| k.kid.as_str()), Some("k1"));
-        assert_eq!(ring.published(t(0)).count(), 1);
-        // A pre-published key behind an active one does not take over early.
-        let mut ring = Keyring::new("k1".into(), KeySpec::P256, t(0), DAY);
-        ring.add_key("k2".into(), KeySpec::P256, t(10), t(100), DAY);
-        assert_eq!(ring.active(t(50)).map(|k| k.kid.as_str()), Some("k1"));
-        assert_eq!(ring.active(t(100)).map(|k| k.kid.as_str()), Some("k2"));
     }
 
     #[test]
