@@ -494,11 +494,18 @@ fn kek_generate(out: Option<&Path>, json: bool) -> Result<Output, Failure> {
     let Some(path) = out else {
         // Built by hand, not through a JSON value, so that no unzeroized copy is left behind
         // (base64 needs no JSON escaping).
-        let stdout = Zeroizing::new(if json {
-            format!("{{\n  \"kek\": \"{}\"\n}}\n", text.as_str())
+        let (before, after) = if json {
+            ("{\n  \"kek\": \"", "\"\n}\n")
         } else {
-            format!("{}\n", text.as_str())
-        });
+            ("", "\n")
+        };
+        // Sized up front: a buffer that grew would leave the old copy behind unzeroized.
+        let mut stdout = Zeroizing::new(String::with_capacity(
+            before.len() + text.len() + after.len(),
+        ));
+        stdout.push_str(before);
+        stdout.push_str(&text);
+        stdout.push_str(after);
         return Ok(Output {
             stdout,
             stderr: String::new(),

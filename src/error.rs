@@ -18,7 +18,9 @@ pub enum Error {
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
     /// No key is active (only possible with a broken store).
-    #[error("no signing key is active")]
+    #[error(
+        "no signing key is active: every key activates later than the clock reads (has the system clock stepped back?); an immediate RotateKeys (prepublish_seconds 0) makes the waiting key active now"
+    )]
     NoActiveKey,
     /// The key store failed; for a rotation, nothing changed and the current key keeps signing.
     #[error("key store: {0}")]

@@ -686,6 +686,28 @@ mod tests {
     }
 
     #[test]
+    fn a_wall_clock_stepped_back_is_named_and_an_immediate_rotation_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::generate().unwrap();
+        let clock = Arc::new(ManualClock::new(Timestamp::from_secs(1_700_000_000)));
+        let m = open(dir.path(), &kek, &clock);
+        let first = m.list_keys().1.unwrap();
+        // NTP pulls the clock back an hour, behind the only key's activation.
+        clock.set(Timestamp::from_secs(1_700_000_000 - 3600));
+        let request = TokenRequest {
+            subject: "s".into(),
+            audiences: vec!["a".into()],
+            ..TokenRequest::default()
+        };
+        let err = m.sign_token_blocking(&request).unwrap_err().to_string();
+        assert!(err.contains("has the system clock stepped back?"), "{err}");
+        assert_eq!(m.published().keys.len(), 1, "the key is still published");
+        // The admin's way out: the waiting key signs from now on.
+        assert_eq!(m.rotate_blocking(Duration::ZERO).unwrap().active_kid, first);
+        assert_eq!(m.sign_token_blocking(&request).unwrap().kid, first);
+    }
+
+    #[test]
     fn the_cache_hint_is_half_the_lead_and_manual_leads_twice_the_hint() {
         let clock = Arc::new(ManualClock::new(Timestamp::from_secs(1_700_000_000)));
         let kek = Kek::generate().unwrap();

@@ -192,7 +192,7 @@ fn scheduled_rotations_are_counted_and_the_next_one_is_announced() {
             "--rotation-period",
             "4s",
             "--prepublish",
-            "1s",
+            "2s",
             "--max-token-lifetime",
             "10m",
             "--metrics-listen",

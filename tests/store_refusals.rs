@@ -186,7 +186,7 @@ fn configuration_errors_exit_64_naming_the_setting() {
                 "https://i.example/",
                 &["--prepublish".into(), "0".into()],
             ),
-            "--prepublish: must be whole seconds and at least 1s",
+            "--prepublish: must be whole seconds and at least 2s",
         ),
         (
             kms_args(

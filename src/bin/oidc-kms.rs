@@ -110,7 +110,7 @@ struct Cli {
     rotation_period: String,
 
     /// How long a scheduled key is published before it signs, so verifiers have cached it (at
-    /// least 1s; also the longest time relying parties are told to cache the JWKS, at most 300s).
+    /// least 2s; relying parties are told to cache the JWKS for half of it, at most 300s).
     #[arg(long, env = "OIDC_KMS_PREPUBLISH", default_value = "1h", value_parser = parse_duration)]
     prepublish: Duration,
 
@@ -240,9 +240,9 @@ fn check(cli: Cli) -> Result<Config, String> {
             "--max-token-lifetime: must be whole seconds (tokens carry times in seconds)".into(),
         );
     }
-    if cli.prepublish < Duration::from_secs(1) || cli.prepublish.subsec_nanos() != 0 {
+    if cli.prepublish < Duration::from_secs(2) || cli.prepublish.subsec_nanos() != 0 {
         return Err(format!(
-            "--prepublish: must be whole seconds and at least 1s, not {}: a scheduled key is \
+            "--prepublish: must be whole seconds and at least 2s, not {}: a scheduled key is \
              published before it signs, so that verifiers caching the JWKS hold it in time \
              (RotateKeys with prepublish_seconds 0 rotates at once)",
             oidc_kms::duration::format_duration(cli.prepublish)

@@ -38,7 +38,7 @@ pub struct TlsFiles {
 pub fn is_connection_failure(status: &tonic::Status) -> bool {
     let message = status.message();
     match status.code() {
-        tonic::Code::Unavailable => message.contains("transport") || message.contains("connect"),
+        tonic::Code::Unavailable => message.contains("transport"),
         tonic::Code::Unknown => message.starts_with("transport error"),
         // hyper's word for a request whose connection went away under it.
         tonic::Code::Cancelled => message.contains("operation was canceled"),

@@ -4,7 +4,9 @@
 //! request to a response. What the loop adds: accepting through [`super::accept::Incoming`],
 //! HTTP/1.1 and h2c on one port, [`IDLE_TIMEOUT`] so a client that sends nothing (in any protocol
 //! state, before the first byte included) cannot hold a connection, [`HEADER_READ_TIMEOUT`] so
-//! one that trickles a request cannot either, and a graceful shutdown bounded by a grace period.
+//! one that trickles an HTTP/1 request cannot either (hyper has no such bound for HTTP/2: an h2c
+//! client that sends a byte every few seconds keeps its connection), and a graceful shutdown
+//! bounded by a grace period.
 
 use std::convert::Infallible;
 use std::sync::Arc;
