@@ -528,10 +528,7 @@ async fn run(config: Config) -> Result<(), Failure> {
     let data_dir = config.data_dir.clone();
     let store = tokio::task::spawn_blocking(move || FileStore::open(&data_dir, &kek))
         .await
-        .map_err(|e| Failure {
-            code: 70,
-            error: e.into(),
-        })?
+        .map_err(|e| failure(70)(e.into()))?
         .map_err(|e| Failure {
             code: e.exit_code() as u8,
             error: e.into(),
@@ -574,10 +571,7 @@ async fn run(config: Config) -> Result<(), Failure> {
         KeyManager::open(Box::new(store), Arc::new(SystemClock), settings)
     })
     .await
-    .map_err(|e| Failure {
-        code: 70,
-        error: e.into(),
-    })?
+    .map_err(|e| failure(70)(e.into()))?
     .map_err(|e| Failure {
         code: match &e {
             oidc_kms::Error::Store(s) => s.exit_code() as u8,
