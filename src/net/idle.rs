@@ -49,6 +49,21 @@ impl<T> IdleTimeout<T> {
         }
     }
 
+    /// What a write returns: its result, counted as traffic, or the idle check while it waits.
+    fn written(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match polled {
+            Poll::Ready(result) => {
+                self.moved(*result.as_ref().unwrap_or(&0));
+                Poll::Ready(result)
+            }
+            Poll::Pending => self.check(cx).map(Err),
+        }
+    }
+
     /// Called when the inner connection is not ready: an error once the limit has passed,
     /// otherwise pending, with the timer set to wake the task when it will have.
     fn check(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
@@ -96,13 +111,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_write(cx, buf) {
-            Poll::Ready(result) => {
-                this.moved(*result.as_ref().unwrap_or(&0));
-                Poll::Ready(result)
-            }
-            Poll::Pending => this.check(cx).map(Err),
-        }
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.written(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -111,13 +121,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
-            Poll::Ready(result) => {
-                this.moved(*result.as_ref().unwrap_or(&0));
-                Poll::Ready(result)
-            }
-            Poll::Pending => this.check(cx).map(Err),
-        }
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.written(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
